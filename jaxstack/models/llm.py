@@ -1,0 +1,386 @@
+"""Decoder LLM (Llama 3.x, Qwen2/2.5, Qwen3) in Flax NNX.
+
+One model covers the three families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, optional
+qkv bias (Qwen2), optional per-head q/k RMSNorm (Qwen3), tied or untied embeddings, causal or
+bidirectional attention, packed sequences (segment ids), left padding and a KV cache.
+
+Shapes: B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim,
+F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxstack.nn.attention import dot_product_attention, make_attn_mask
+from jaxstack.nn.layers import Dense, Embed, RMSNorm, apply_rope, rope_inv_freq
+from jaxstack.parallel.mesh import constrain
+
+Array = jax.Array
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Architecture of a decoder LLM (all sizes as in the HF config)."""
+
+    architecture: str = "qwen2"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    causal: bool = True  # False for diffusion LLMs (bidirectional attention)
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; supported: {ARCHITECTURES}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    def num_params(self) -> int:
+        d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_bias:
+            attn += h * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * h
+        layer = attn + 3 * d * f + 2 * d
+        emb = v * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + d
+
+    @classmethod
+    def preset(cls, name: str) -> LLMConfig:
+        """Published sizes by name (see PRESETS), e.g. "qwen2.5-1.5b", "llama3-8b", "tiny"."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**PRESETS[key])
+
+
+_QWEN25 = dict(architecture="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
+               attention_bias=True, max_position_embeddings=32768)
+_QWEN3 = dict(architecture="qwen3", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
+              qk_norm=True, head_dim=128, max_position_embeddings=40960)
+_LLAMA3 = dict(architecture="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, hidden_size=4096, intermediate_size=14336,
+               num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+               max_position_embeddings=8192)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True),
+    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_layers=24,
+                         num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                         num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                       num_heads=16, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                       tie_word_embeddings=False),
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                       num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28,
+                       num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36,
+                     num_heads=32, num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                     num_heads=32, num_kv_heads=8, tie_word_embeddings=False),
+    "llama3-8b": dict(_LLAMA3),
+    "llama3.1-8b": dict(_LLAMA3, max_position_embeddings=131072, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)),
+    # LLaDA-8B: bidirectional Llama-style decoder without GQA.
+    "llada-8b": dict(_LLAMA3, vocab_size=126464, intermediate_size=12288, num_kv_heads=32,
+                     causal=False, max_position_embeddings=4096),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding.
+
+    k, v: tuples (one per layer) of [B, S_max, K, H]; kv_mask: bool [B, S_max], True where a
+    slot holds a real (non-padding) token; index: int32 scalar, the next slot to write.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    kv_mask: Array
+    index: Array
+
+    @classmethod
+    def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            kv_mask=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.q_proj = Dense(d, n * h, axes=("embed", "heads"), use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Dense(n * h, d, axes=("heads", "embed"), **kw)
+        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+
+    def __call__(self, x_btd, positions_bt, inv_freq, *, mask, causal, cache_kv=None, index=None):
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_bt, inv_freq)
+        k = apply_rope(k, positions_bt, inv_freq)
+        q = constrain(q, ("batch", "seq", "act_heads", None))
+        k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+            new_kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask=mask, causal=causal)
+        out = constrain(out, ("batch", "seq", "act_heads", None))
+        return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x_btd):
+        h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        h = constrain(h, ("batch", "seq", "act_mlp"))
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd, positions_bt, inv_freq, *, mask, causal, cache_kv=None, index=None):
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(x_btd), positions_bt, inv_freq,
+            mask=mask, causal=causal, cache_kv=cache_kv, index=index,
+        )
+        x_btd = x_btd + attn
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return constrain(x_btd, ("batch", "seq", "act_embed")), new_kv
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def positions_from(
+    batch: int, length: int, segment_ids_bt: Array | None, input_mask_bt: Array | None
+) -> Array:
+    """RoPE positions [B, T]: restart at 0 per packed segment; skip left padding."""
+    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids_bt is not None:
+        prev = jnp.concatenate([segment_ids_bt[:, :1] - 1, segment_ids_bt[:, :-1]], axis=1)
+        start = jax.lax.cummax(jnp.where(segment_ids_bt != prev, idx, 0), axis=1)
+        return idx - start
+    if input_mask_bt is not None:
+        return jnp.maximum(jnp.cumsum(input_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
+    return idx
+
+
+class LLM(nnx.Module):
+    """Decoder LLM. `model(input_ids)` -> logits [B, T, V].
+
+    dtype: compute dtype (bfloat16 for training/inference on GPU, float32 for parity).
+    param_dtype: storage dtype of parameters (float32 master weights for training).
+    remat: "none" | "full" | "dots": activation checkpointing per block (training).
+    """
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {remat!r}; choose from {list(REMAT_POLICIES)}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+        )
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def embed(self, input_ids_bt: Array) -> Array:
+        """Token embeddings [B, T, D] in the compute dtype."""
+        return self.embed_tokens(input_ids_bt)
+
+    def logits(self, hidden_btd: Array) -> Array:
+        """LM-head logits [B, T, V] from final (normed) hidden states."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(hidden_btd)
+        else:
+            out = self.lm_head(hidden_btd)
+        return constrain(out, ("batch", "seq", "act_vocab"))
+
+    def _run_layers(self, x, positions, *, mask, causal, cache: KVCache | None):
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            index = None if cache is None else cache.index
+            if self.remat != "none" and cache is None:
+                policy = REMAT_POLICIES[self.remat]
+
+                def run(block, x, positions, mask, _causal=causal):
+                    return block(x, positions, inv_freq, mask=mask, causal=_causal)[0]
+
+                x = nnx.remat(run, policy=policy)(layer, x, positions, mask)
+                continue
+            x, new_kv = layer(x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index)
+            if new_kv is not None:
+                new_k.append(new_kv[0])
+                new_v.append(new_kv[1])
+        return self.norm(x), (tuple(new_k), tuple(new_v))
+
+    # -- full-sequence forward (training, scoring, prefill without cache) ----------------------
+
+    def hidden_states(
+        self,
+        input_ids: Array | None = None,
+        *,
+        inputs_embeds: Array | None = None,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        input_mask: Array | None = None,
+        mask_ar: Array | None = None,
+    ) -> Array:
+        """Final normed hidden states [B, T, D].
+
+        input_ids int [B, T] or inputs_embeds [B, T, D]; positions int [B, T] (default: from
+        segments / padding); segment_ids int [B, T] for packed sequences; input_mask bool
+        [B, T] (False = padding); mask_ar int [B, T] overrides the attention pattern (see
+        `make_attn_mask`), default all ones if causal else all zeros.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        if positions is None:
+            positions = positions_from(b, t, segment_ids, input_mask)
+        if segment_ids is None and input_mask is None and mask_ar is None:
+            mask, causal = None, self.cfg.causal
+        else:
+            if mask_ar is None:
+                mask_ar = jnp.full((b, t), 1 if self.cfg.causal else 0, jnp.int32)
+            mask, causal = make_attn_mask(mask_ar, input_mask, segment_ids), False
+        hidden, _ = self._run_layers(x, positions, mask=mask, causal=causal, cache=None)
+        return hidden
+
+    def __call__(self, input_ids: Array | None = None, **kwargs) -> Array:
+        """Logits [B, T, V] (compute dtype). Keyword arguments as in `hidden_states`."""
+        return self.logits(self.hidden_states(input_ids, **kwargs))
+
+    # -- incremental decoding -----------------------------------------------------------------
+
+    def decode_step(
+        self,
+        cache: KVCache,
+        input_ids: Array | None = None,
+        *,
+        inputs_embeds: Array | None = None,
+        positions: Array,
+        input_mask: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Run T new tokens through the model against `cache`; returns (logits [B,T,V], cache).
+
+        The tokens are written at slots [cache.index, cache.index + T). positions int [B, T]
+        are their RoPE positions; input_mask bool [B, T] marks real tokens (left padding in a
+        prefill). A new token attends to earlier real slots (and, if the model is bidirectional,
+        to the other new tokens).
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        s = cache.kv_mask.shape[1]
+        if input_mask is None:
+            input_mask = jnp.ones((b, t), bool)
+        kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.kv_mask, input_mask, cache.index, 1)
+        slots = jnp.arange(s)
+        q_slots = cache.index + jnp.arange(t)
+        if self.cfg.causal:
+            allowed = slots[None, :] <= q_slots[:, None]
+        else:
+            allowed = slots[None, :] < cache.index + t
+            allowed = jnp.broadcast_to(allowed, (t, s))
+        mask = (allowed[None] & kv_mask[:, None, :])[:, None]  # [B, 1, T, S]
+        hidden, (ks, vs) = self._run_layers(x, positions, mask=mask, causal=False, cache=cache)
+        new_cache = KVCache(k=ks, v=vs, kv_mask=kv_mask, index=cache.index + t)
+        return self.logits(hidden), new_cache
+
+
+def init_llm(cfg: LLMConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+             remat: str = "none") -> LLM:
+    """Randomly initialised LLM (convenience for tests, benchmarks and from-scratch training)."""
+    return LLM(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))

@@ -1,0 +1,106 @@
+"""The attention entry point and the one mask helper.
+
+`dot_product_attention` uses cuDNN's fused kernel on GPU when the inputs allow it (bf16/fp16,
+head_dim <= 256 and a multiple of 8) and XLA everywhere else. `make_attn_mask` expresses causal,
+full, prefix-LM and block-causal masks with one rule (a cumulative sum over "starts a new
+autoregressive block" flags), plus padding and packed-sequence segment ids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def make_attn_mask(
+    mask_ar_bt: Array,
+    input_mask_bt: Array | None = None,
+    segment_ids_bt: Array | None = None,
+) -> Array:
+    """Boolean attention mask [batch, 1, T, T] from autoregressive flags.
+
+    mask_ar_bt: int/bool [B, T]. Token i may attend to token j iff cumsum(mask_ar)[j] <=
+      cumsum(mask_ar)[i]. All ones -> causal; all zeros -> full (bidirectional); zeros on a
+      prefix then ones -> prefix-LM; a one at the start of each block and zeros inside ->
+      block-causal (full inside a block, causal across blocks).
+    input_mask_bt: bool [B, T], False for padding (padding attends to and is seen by nothing).
+    segment_ids_bt: int [B, T], packed sequences attend only within equal ids.
+    """
+    cumsum = jnp.cumsum(mask_ar_bt.astype(jnp.int32), axis=-1)
+    mask = cumsum[:, None, :] <= cumsum[:, :, None]
+    if input_mask_bt is not None:
+        valid = input_mask_bt.astype(bool)
+        mask = mask & valid[:, None, :] & valid[:, :, None]
+    if segment_ids_bt is not None:
+        mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return mask[:, None, :, :]
+
+
+def causal_flags(batch: int, length: int) -> Array:
+    """mask_ar for a plain causal mask: all ones [B, T]."""
+    return jnp.ones((batch, length), jnp.int32)
+
+
+def _cudnn_ok(q: Array, k: Array) -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    head_dim = q.shape[-1]
+    return (
+        q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.dtype == k.dtype
+        and head_dim <= 256
+        and head_dim % 8 == 0
+    )
+
+
+def dot_product_attention(
+    q_bthd: Array,
+    k_bshd: Array,
+    v_bshd: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Scaled dot-product attention with grouped-query support.
+
+    q_bthd: [B, T, Nq, H]; k_bshd, v_bshd: [B, S, Nkv, H] with Nq % Nkv == 0.
+    mask: optional bool, broadcastable to [B, Nq, T, S]; True = may attend.
+    causal: apply a causal mask aligned to the top-left (T == S for training/prefill).
+    implementation: None (cuDNN on GPU when supported, else XLA), "cudnn" or "xla".
+    Returns [B, T, Nq, H] in q's dtype. Rows whose mask is all False return zeros.
+    """
+    if implementation is None:
+        implementation = "cudnn" if _cudnn_ok(q_bthd, k_bshd) else "xla"
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_bthd, k_bshd, v_bshd, mask=mask, is_causal=causal, scale=scale,
+            implementation="cudnn",
+        )
+    return _xla_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
+
+
+def _xla_attention(q, k, v, *, mask, causal, scale):
+    b, t, nq, h = q.shape
+    s, nkv = k.shape[1], k.shape[2]
+    groups = nq // nkv
+    scale = h**-0.5 if scale is None else scale
+    q = q.reshape(b, t, nkv, groups, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    full_mask = None
+    if mask is not None:
+        m = jnp.broadcast_to(mask, (b, nq, t, s)).reshape(b, nkv, groups, t, s)
+        full_mask = m
+    if causal:
+        cm = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        full_mask = cm if full_mask is None else full_mask & cm
+    if full_mask is not None:
+        logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if full_mask is not None:
+        probs = jnp.where(full_mask, probs, 0.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, nq, h)

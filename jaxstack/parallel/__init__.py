@@ -1,0 +1,27 @@
+"""Meshes, sharding rules, and multi-host initialisation."""
+
+from jaxstack.parallel.mesh import (
+    AXES,
+    RULES,
+    constrain,
+    current_mesh,
+    make_mesh,
+    parse_mesh_spec,
+    shard_model,
+    spec_for,
+    state_shardings,
+    use_mesh,
+)
+
+__all__ = [
+    "AXES",
+    "RULES",
+    "constrain",
+    "current_mesh",
+    "make_mesh",
+    "parse_mesh_spec",
+    "shard_model",
+    "spec_for",
+    "state_shardings",
+    "use_mesh",
+]
