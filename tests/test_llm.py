@@ -1,0 +1,97 @@
+"""Decoder unit tests that need no reference framework: masks, positions, cache vs full forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxstack.models.llm import KVCache, LLMConfig, init_llm, positions_from
+from jaxstack.nn.attention import dot_product_attention, make_attn_mask
+
+
+def test_make_attn_mask_patterns():
+    causal = make_attn_mask(jnp.ones((1, 4), jnp.int32))[0, 0]
+    np.testing.assert_array_equal(causal, np.tril(np.ones((4, 4), bool)))
+    full = make_attn_mask(jnp.zeros((1, 4), jnp.int32))[0, 0]
+    assert bool(full.all())
+    prefix = make_attn_mask(jnp.array([[0, 0, 1, 1]]))[0, 0]
+    expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(prefix, expected)
+    block = make_attn_mask(jnp.array([[1, 0, 1, 0]]))[0, 0]
+    expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(block, expected)
+    seg = make_attn_mask(jnp.ones((1, 4), jnp.int32), segment_ids_bt=jnp.array([[1, 1, 2, 2]]))
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(seg[0, 0], expected)
+
+
+def test_positions_from_segments_and_padding():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3]])
+    np.testing.assert_array_equal(positions_from(1, 6, seg, None), [[0, 1, 2, 0, 1, 0]])
+    pad = jnp.array([[False, False, True, True]])
+    np.testing.assert_array_equal(positions_from(1, 4, None, pad), [[0, 0, 0, 1]])
+
+
+def test_gqa_attention_matches_repeated_heads():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    out = dot_product_attention(q, k, v, causal=True, implementation="xla")
+    ref = jax.nn.dot_product_attention(
+        q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), is_causal=True
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_packed_segments_equal_separate_sequences(arch):
+    cfg = LLMConfig(architecture=arch, attention_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    model = init_llm(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, cfg.vocab_size, 7), rng.integers(0, cfg.vocab_size, 5)
+    packed = jnp.asarray(np.concatenate([a, b]))[None]
+    seg = jnp.asarray([[1] * 7 + [2] * 5])
+    out = model(packed, segment_ids=seg)
+    np.testing.assert_allclose(out[0, :7], model(jnp.asarray(a)[None])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:], model(jnp.asarray(b)[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cache_prefill_and_steps_equal_full_forward(causal):
+    cfg = LLMConfig(architecture="qwen3", qk_norm=True, causal=causal)
+    model = init_llm(cfg, seed=2)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)))
+    full = model(ids)
+    cache = KVCache.init(cfg, 2, 16, dtype=jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    if causal:
+        logits, cache = model.decode_step(cache, ids[:, :6], positions=pos[:, :6])
+        parts = [logits]
+        for i in range(6, 9):
+            logits, cache = model.decode_step(cache, ids[:, i : i + 1], positions=pos[:, i : i + 1])
+            parts.append(logits)
+        np.testing.assert_allclose(jnp.concatenate(parts, 1), full, rtol=1e-5, atol=1e-5)
+    else:
+        logits, cache = model.decode_step(cache, ids, positions=pos)
+        np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == 9
+
+
+def test_left_padding_matches_unpadded():
+    cfg = LLMConfig()
+    model = init_llm(cfg, seed=3)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 6)
+    padded = jnp.asarray(np.concatenate([[0, 0, 0], ids]))[None]
+    mask = jnp.asarray([[False] * 3 + [True] * 6])
+    out = model(padded, input_mask=mask)[0, 3:]
+    np.testing.assert_allclose(out, model(jnp.asarray(ids)[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_presets_param_counts():
+    assert abs(LLMConfig.preset("qwen2.5-1.5b").num_params() / 1e9 - 1.54) < 0.02
+    assert abs(LLMConfig.preset("qwen2.5-7b").num_params() / 1e9 - 7.62) < 0.03
+    assert abs(LLMConfig.preset("llama3-8b").num_params() / 1e9 - 8.03) < 0.03
+    assert abs(LLMConfig.preset("qwen3-8b").num_params() / 1e9 - 8.19) < 0.03
+    with pytest.raises(ValueError, match="unknown preset"):
+        LLMConfig.preset("gpt-17")
