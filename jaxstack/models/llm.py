@@ -77,42 +77,148 @@ class LLMConfig:
         return cls(**PRESETS[key])
 
 
-_QWEN25 = dict(architecture="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
-               attention_bias=True, max_position_embeddings=32768)
-_QWEN3 = dict(architecture="qwen3", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
-              qk_norm=True, head_dim=128, max_position_embeddings=40960)
-_LLAMA3 = dict(architecture="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-               tie_word_embeddings=False, hidden_size=4096, intermediate_size=14336,
-               num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-               max_position_embeddings=8192)
+_QWEN25 = dict(
+    architecture="qwen2",
+    vocab_size=151936,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    attention_bias=True,
+    max_position_embeddings=32768,
+)
+_QWEN3 = dict(
+    architecture="qwen3",
+    vocab_size=151936,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    qk_norm=True,
+    head_dim=128,
+    max_position_embeddings=40960,
+)
+_LLAMA3 = dict(
+    architecture="llama",
+    vocab_size=128256,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
-                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True),
-    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_layers=24,
-                         num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                         num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_layers=36,
-                       num_heads=16, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
-                       tie_word_embeddings=False),
-    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28,
-                       num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28,
-                       num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36,
-                     num_heads=32, num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                     num_heads=32, num_kv_heads=8, tie_word_embeddings=False),
+    "tiny": dict(
+        architecture="qwen2",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        attention_bias=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        _QWEN25,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        _QWEN25,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        _QWEN25,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_layers=36,
+        num_heads=16,
+        num_kv_heads=2,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        _QWEN25,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-0.6b": dict(
+        _QWEN3,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        _QWEN3,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        _QWEN3,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        tie_word_embeddings=False,
+    ),
     "llama3-8b": dict(_LLAMA3),
-    "llama3.1-8b": dict(_LLAMA3, max_position_embeddings=131072, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8192)),
+    "llama3.1-8b": dict(
+        _LLAMA3,
+        max_position_embeddings=131072,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
     # LLaDA-8B: bidirectional Llama-style decoder without GQA.
-    "llada-8b": dict(_LLAMA3, vocab_size=126464, intermediate_size=12288, num_kv_heads=32,
-                     causal=False, max_position_embeddings=4096),
+    "llada-8b": dict(
+        _LLAMA3,
+        vocab_size=126464,
+        intermediate_size=12288,
+        num_kv_heads=32,
+        causal=False,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -205,8 +311,13 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, inv_freq, *, mask, causal, cache_kv=None, index=None):
         attn, new_kv = self.self_attn(
-            self.input_layernorm(x_btd), positions_bt, inv_freq,
-            mask=mask, causal=causal, cache_kv=cache_kv, index=index,
+            self.input_layernorm(x_btd),
+            positions_bt,
+            inv_freq,
+            mask=mask,
+            causal=causal,
+            cache_kv=cache_kv,
+            index=index,
         )
         x_btd = x_btd + attn
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
@@ -260,7 +371,10 @@ class LLM(nnx.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+            [
+                Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_layers)
+            ]
         )
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
@@ -268,8 +382,14 @@ class LLM(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+            else Dense(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -300,7 +420,9 @@ class LLM(nnx.Module):
 
                 x = nnx.remat(run, policy=policy)(layer, x, positions, mask)
                 continue
-            x, new_kv = layer(x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index)
+            x, new_kv = layer(
+                x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index
+            )
             if new_kv is not None:
                 new_k.append(new_kv[0])
                 new_v.append(new_kv[1])
@@ -380,7 +502,13 @@ class LLM(nnx.Module):
         return self.logits(hidden), new_cache
 
 
-def init_llm(cfg: LLMConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-             remat: str = "none") -> LLM:
+def init_llm(
+    cfg: LLMConfig,
+    *,
+    seed: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: str = "none",
+) -> LLM:
     """Randomly initialised LLM (convenience for tests, benchmarks and from-scratch training)."""
     return LLM(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))

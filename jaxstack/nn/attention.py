@@ -77,7 +77,12 @@ def dot_product_attention(
         implementation = "cudnn" if _cudnn_ok(q_bthd, k_bshd) else "xla"
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(
-            q_bthd, k_bshd, v_bshd, mask=mask, is_causal=causal, scale=scale,
+            q_bthd,
+            k_bshd,
+            v_bshd,
+            mask=mask,
+            is_causal=causal,
+            scale=scale,
             implementation="cudnn",
         )
     return _xla_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
