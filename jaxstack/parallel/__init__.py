@@ -1,5 +1,6 @@
 """Meshes, sharding rules, and multi-host initialisation."""
 
+from jaxstack.parallel.distributed import describe_environment, detect_cluster, initialize
 from jaxstack.parallel.mesh import (
     AXES,
     RULES,
@@ -17,6 +18,9 @@ __all__ = [
     "AXES",
     "RULES",
     "constrain",
+    "describe_environment",
+    "detect_cluster",
+    "initialize",
     "current_mesh",
     "make_mesh",
     "parse_mesh_spec",
