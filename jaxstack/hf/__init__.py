@@ -1,0 +1,19 @@
+"""Hugging Face checkpoints in and out: transformers Llama / Qwen2 / Qwen3 (safetensors).
+
+model = jaxstack.hf.load_model("path/to/Qwen2.5-0.5B", dtype=jnp.bfloat16, mesh=mesh)
+jaxstack.hf.save_model(model, "runs/x/hf", dtype=jnp.bfloat16)
+"""
+
+from jaxstack.hf.errors import CheckpointError
+from jaxstack.hf.llm import KEY_TABLE, load_model, save_model
+from jaxstack.hf.llm_config import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
+
+__all__ = [
+    "KEY_TABLE",
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "config_from_hf",
+    "config_to_hf",
+    "load_model",
+    "save_model",
+]

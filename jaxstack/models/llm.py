@@ -415,8 +415,8 @@ class LLM(nnx.Module):
             if self.remat != "none" and cache is None:
                 policy = REMAT_POLICIES[self.remat]
 
-                def run(block, x, positions, mask, _causal=causal):
-                    return block(x, positions, inv_freq, mask=mask, causal=_causal)[0]
+                def run(block, x, positions, mask):
+                    return block(x, positions, inv_freq, mask=mask, causal=causal)[0]
 
                 x = nnx.remat(run, policy=policy)(layer, x, positions, mask)
                 continue

@@ -125,7 +125,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
     def one(var):
         axes = var.get_metadata().get("logical_axes")
-        value = var[...] if hasattr(var, "__getitem__") else var.value
+        value = var.get_value()
         spec = spec_for(axes, value.shape, mesh) if axes else PartitionSpec()
         return NamedSharding(mesh, spec)
 

@@ -127,15 +127,35 @@ def token_cross_entropy(logits_btv: Array, targets_bt: Array) -> Array:
     return lse - picked
 
 
-def lm_loss_sums(model: nnx.Module, batch: Batch) -> tuple[Array, Array]:
+def chunked_token_nll(
+    logits_fn: Callable[[Array], Array], hidden_btd: Array, targets_bt: Array, chunk: int
+) -> Array:
+    """Per-token NLL [B, T] without materialising all logits: the LM head and the
+    cross-entropy run over sequence chunks of `chunk` tokens and are recomputed in the
+    backward pass (a [B, T, V] float32 logits tensor would dominate memory at long T)."""
+    b, t, d = hidden_btd.shape
+    if chunk <= 0 or t <= chunk or t % chunk:
+        return token_cross_entropy(logits_fn(hidden_btd), targets_bt)
+    n = t // chunk
+    h = hidden_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
+    y = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_c, y_c = args
+        return token_cross_entropy(logits_fn(h_c), y_c)
+
+    return jax.lax.map(one, (h, y)).swapaxes(0, 1).reshape(b, t)
+
+
+def lm_loss_sums(model: nnx.Module, batch: Batch, *, logits_chunk: int = 1024):
     """(sum of masked token NLL, number of loss tokens) for one micro-batch.
 
     batch: input_ids int32 [B, T]; targets int32 [B, T] (next token); loss_mask [B, T];
     optional segment_ids int32 [B, T] (packed sequences, 0 = padding).
     """
-    seg = batch.get("segment_ids")
-    logits = model(batch["input_ids"], segment_ids=seg)
-    nll = token_cross_entropy(logits, batch["targets"])
+    hidden = model.hidden_states(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+    nll = chunked_token_nll(model.logits, hidden, batch["targets"], logits_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
