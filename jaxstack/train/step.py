@@ -40,7 +40,7 @@ class OptimConfig:
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=cfg.lr / max(cfg.warmup_steps, 1),  # the first update already moves
         peak_value=cfg.lr,
         warmup_steps=max(cfg.warmup_steps, 1),
         decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
@@ -164,7 +164,9 @@ def _split_micro(batch: Batch, grad_accum: int) -> Batch:
     def one(x):
         if x.shape[0] % grad_accum:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={grad_accum}")
-        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+        # Strided split: micro-batch j takes rows j, j+k, j+2k, ... so with rows sharded over
+        # (data, fsdp) every micro-batch stays spread over all devices (no resharding).
+        return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(one, batch)
 
