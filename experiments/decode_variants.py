@@ -21,7 +21,7 @@ from jaxstack.models.llm import LLMConfig
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--attn", choices=["cudnn", "xla"], default="cudnn")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", default="1", help="comma list of batch sizes")
     ap.add_argument("--preset", default="qwen2.5-1.5b")
     args = ap.parse_args()
     if args.attn == "xla":
