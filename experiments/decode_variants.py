@@ -27,13 +27,14 @@ def main() -> None:
     if args.attn == "xla":
         attention._cudnn_ok = lambda q, k: False  # force the XLA path for this process
     bw = measure_ceilings()["copy_bytes_per_s"]
-    r = bench_decode(LLMConfig.preset(args.preset), args.batch, 128, 256, bw)
-    r.update(
-        attn=args.attn,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        device=jax.devices()[0].device_kind,
-    )
-    print(json.dumps(r))
+    for b in (int(x) for x in args.batches.split(",")):
+        r = bench_decode(LLMConfig.preset(args.preset), b, 128, 256, bw)
+        r.update(
+            attn=args.attn,
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+            device=jax.devices()[0].device_kind,
+        )
+        print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":
