@@ -80,13 +80,13 @@ class TrainJobConfig:
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-2, warmup_steps=20, total_steps=0)
     )
-    steps: int = 300
-    checkpoint_every: int = 100
+    steps: int = 1500
+    checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 5
     mesh: str = ""
     seed: int = 0
-    eval: int = 64  # held-out synthetic prompts answered (greedy) at the end; 0 = skip
+    eval: int = 128  # held-out synthetic prompts answered (greedy) at the end; 0 = skip
     max_new_tokens: int = 6
 
     def __post_init__(self):
