@@ -219,7 +219,7 @@ def make_train_step(
         metrics = {
             "loss": loss_sum / denom,
             "tokens": n_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
