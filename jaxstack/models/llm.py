@@ -475,13 +475,16 @@ class LLM(nnx.Module):
         inputs_embeds: Array | None = None,
         positions: Array,
         input_mask: Array | None = None,
+        visible_len: Array | int | None = None,
     ) -> tuple[Array, KVCache]:
         """Run T new tokens through the model against `cache`; returns (logits [B,T,V], cache).
 
         The tokens are written at slots [cache.index, cache.index + T). positions int [B, T]
         are their RoPE positions; input_mask bool [B, T] marks real tokens (left padding in a
         prefill). A new token attends to earlier real slots (and, if the model is bidirectional,
-        to the other new tokens).
+        to the other new tokens). visible_len (bidirectional models only): attend to every real
+        slot < visible_len instead, e.g. the whole cache for a DualCache step whose suffix K/V
+        were cached earlier.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
@@ -494,8 +497,8 @@ class LLM(nnx.Module):
         if self.cfg.causal:
             allowed = slots[None, :] <= q_slots[:, None]
         else:
-            allowed = slots[None, :] < cache.index + t
-            allowed = jnp.broadcast_to(allowed, (t, s))
+            limit = cache.index + t if visible_len is None else visible_len
+            allowed = jnp.broadcast_to(slots[None, :] < limit, (t, s))
         mask = (allowed[None] & kv_mask[:, None, :])[:, None]  # [B, 1, T, S]
         hidden, (ks, vs) = self._run_layers(x, positions, mask=mask, causal=False, cache=cache)
         new_cache = KVCache(k=ks, v=vs, kv_mask=kv_mask, index=cache.index + t)
