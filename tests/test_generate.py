@@ -9,6 +9,7 @@ logits to atol 1e-4.
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxstack.hf as jaxstack_hf
 from jaxstack.generate import (
     TRACE_COUNTS,
     filter_logits,
@@ -69,53 +71,12 @@ def _hf_model(arch: str):
     return model.eval()
 
 
-def _to_jaxstack(hf) -> LLM:
-    """Copy a transformers Llama/Qwen2 model into a jaxstack LLM (Linear [out, in] -> [in, out]).
-
-    The LLM is built abstractly (no random init) and filled from the HF state dict; every
-    parameter must be set exactly once with a matching shape.
-    """
-    c = hf.config
-    rope = getattr(c, "rope_parameters", None) or {}
-    cfg = LLMConfig(
-        architecture=c.model_type,
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings,
-        attention_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
-    )
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: init_llm(cfg)))
-    params = nnx.to_pure_dict(state)
-    assigned = 0
-    for key, tensor in hf.state_dict().items():
-        if key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # the same tensor as the embedding
-        value = tensor.detach().numpy()
-        *path, kind = key.removeprefix("model.").split(".")
-        if path == ["embed_tokens"]:
-            leaf = "embedding"
-        elif path[-1].endswith("norm"):
-            leaf = "scale"
-        elif kind == "weight":
-            leaf, value = "kernel", value.T
-        else:
-            leaf = "bias"
-        node = params
-        for part in path:
-            node = node[int(part) if part.isdigit() else part]
-        assert node[leaf].shape == value.shape, (key, node[leaf].shape, value.shape)
-        node[leaf] = jnp.asarray(value)
-        assigned += 1
-    assert assigned == len(jax.tree.leaves(params))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+def _to_jaxstack(hf_model) -> LLM:
+    """Load a transformers model into jaxstack through the checkpoint format (save_pretrained ->
+    `jaxstack.hf.load_model`), as a user would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        return jaxstack_hf.load_model(tmp)
 
 
 def _prompts(seed: int, lengths=PROMPT_LENGTHS, vocab: int = 512) -> list[list[int]]:
