@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm_config import config_from_hf, config_to_hf, read_hf_config
@@ -35,7 +35,7 @@ from jaxstack.hf.safetensors_io import (
     write_safetensors,
 )
 from jaxstack.models.llm import LLM
-from jaxstack.parallel.mesh import spec_for
+from jaxstack.parallel.mesh import variable_sharding
 
 # (HF key, jaxstack parameter path, transpose); "{field}" matches the pattern in _FIELDS.
 KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -108,9 +108,7 @@ def _sharding(var: nnx.Variable, mesh: Mesh | None) -> Sharding:
     """Where a parameter lives: by its logical axes on `mesh`, else on the first local device."""
     if mesh is None:
         return SingleDeviceSharding(jax.local_devices()[0])
-    axes = var.get_metadata().get("logical_axes")
-    shape = var.get_value().shape
-    return NamedSharding(mesh, spec_for(axes, shape, mesh) if axes else PartitionSpec())
+    return variable_sharding(var, mesh)
 
 
 def _check(

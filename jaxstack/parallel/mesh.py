@@ -120,16 +120,20 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return PartitionSpec(*out)
 
 
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """NamedSharding of one (abstract or concrete) variable by its `logical_axes` metadata."""
+    axes = var.get_metadata().get("logical_axes")
+    shape = var.get_value().shape
+    return NamedSharding(mesh, spec_for(axes, shape, mesh) if axes else PartitionSpec())
+
+
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedSharding for every variable in an (abstract or concrete) nnx.State."""
-
-    def one(var):
-        axes = var.get_metadata().get("logical_axes")
-        value = var.get_value()
-        spec = spec_for(axes, value.shape, mesh) if axes else PartitionSpec()
-        return NamedSharding(mesh, spec)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda var: variable_sharding(var, mesh),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:

@@ -19,11 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxstack.config import config_to_dict, save_config
 from jaxstack.models.llm import LLM, REMAT_POLICIES, LLMConfig
-from jaxstack.parallel.mesh import make_mesh, spec_for, use_mesh
+from jaxstack.parallel.mesh import make_mesh, state_shardings, use_mesh
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.checkpoint import Checkpointer, abstract_state
@@ -124,12 +124,7 @@ def build_model(cfg: ModelSection, vocab_size: int, mesh: Mesh, seed: int) -> LL
     arch = dataclasses.replace(LLMConfig.preset(cfg.name), vocab_size=vocab_size)
     make = lambda: LLM(arch, rngs=nnx.Rngs(seed), **kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    axes = lambda v: v.get_metadata().get("logical_axes") or (None,) * len(v.shape)
-    shardings = jax.tree.map(
-        lambda v: NamedSharding(mesh, spec_for(axes(v), v.shape, mesh)),
-        abstract,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    shardings = state_shardings(abstract, mesh)
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)())
 
 
