@@ -2,6 +2,7 @@
 
     jaxstack train [CONFIG.yaml] [key=value ...]     causal-LM SFT / pre-training job
     jaxstack generate --model DIR --prompt TEXT ...  batched KV-cache generation
+    jaxstack generate --dllm --model DIR ...         diffusion LLM with Fast-dLLM caches
 
 With no CONFIG, `train` runs its embedded default (a tiny decoder learning addition from
 scratch, a couple of minutes on a laptop CPU). Errors in user input (unknown config keys,
@@ -55,13 +56,15 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tok_spec)
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    model = hf.load_model(args.model, dtype=dtype, mesh=mesh)
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if args.dllm:
+        return _generate_dllm(args, tokenizer, prompts, dtype, mesh)
+    model = hf.load_model(args.model, dtype=dtype, mesh=mesh)
     encoded = []
     for p in prompts:
         ids = tokenizer.encode(p)
@@ -83,6 +86,34 @@ def _generate(args: argparse.Namespace) -> int:
     for prompt, toks in zip(prompts, out.tokens):
         text = tokenizer.decode([t for t in toks if t not in stop])
         print(f"{prompt}{text}")
+    return 0
+
+
+def _generate_dllm(args, tokenizer, prompts, dtype, mesh) -> int:
+    """Diffusion-LLM generation (LLaDA / Dream), one prompt at a time as in Fast-dLLM."""
+    from jaxstack.generate.dllm import dllm_generate
+    from jaxstack.hf.dllm import load_dllm
+
+    model, dcfg = load_dllm(args.model, dtype=dtype, mesh=mesh)
+    for prompt in prompts:
+        out = dllm_generate(
+            model,
+            [tokenizer.encode(prompt)],
+            gen_length=args.max_new_tokens,
+            block_length=args.block_length,
+            steps=args.steps,
+            threshold=args.threshold,
+            factor=args.factor,
+            cache=None if args.cache == "none" else args.cache,
+            temperature=args.temperature,
+            mask_id=dcfg.mask_id,
+            kind=dcfg.kind,
+            seed=args.seed,
+        )
+        toks = [int(t) for t in out.tokens[0]]
+        toks = toks[: toks.index(dcfg.eos_id)] if dcfg.eos_id in toks else toks
+        print(f"{prompt}{tokenizer.decode(toks)}")
+        print(f"[nfe={out.nfe} tokens/step={out.tokens_per_step:.2f}]", file=sys.stderr)
     return 0
 
 
@@ -113,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--mesh", default="", help='e.g. "tensor=2"; default one device')
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    dllm = gen.add_argument_group("diffusion LLMs (LLaDA, Dream) with Fast-dLLM decoding")
+    dllm.add_argument("--dllm", action="store_true", help="the model is a diffusion LLM")
+    dllm.add_argument("--block-length", type=int, default=32)
+    dllm.add_argument("--steps", type=int, default=None, help="default: one token per step")
+    dllm.add_argument("--threshold", type=float, default=None, help="parallel decoding tau")
+    dllm.add_argument("--factor", type=float, default=None, help="factor-rule parallel decoding")
+    dllm.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
     gen.set_defaults(func=_generate)
     return parser
 

@@ -1,0 +1,400 @@
+"""Diffusion-LLM decoding: the LLaDA block sampler, Fast-dLLM prefix / dual KV caches, and
+confidence-aware parallel decoding (threshold and factor rules).
+
+`dllm_generate(model, prompt_ids, gen_length=...)` fills `gen_length` [MASK] slots after the
+prompt, block by block (semi-autoregressive). Per block [s, e) of `block_length` tokens:
+
+* step 0 is one full forward over the whole sequence. With a cache it also (re)builds the
+  per-layer K/V cache (post-RoPE K, absolute positions); it counts as one NFE.
+* then, while the block still holds a [MASK] (`lax.while_loop`), one more forward per step:
+  cache=None: the full sequence again; cache="prefix": the queries x[s:] against the cached
+  K/V of positions < s; cache="dual": only the block's tokens, whose fresh K/V replace slots
+  [s, e) of the cache before they attend to the whole cache (stale suffix [MASK] K/V included).
+* each step predicts x_hat (argmax, or Gumbel-max at temperature T > 0) and a confidence c
+  (softmax probability of x_hat, or U(0, 1) for remasking="random") for the block's masked
+  positions, then commits: the k_i most confident (k_i = n // s_b + [i < n % s_b], s_b = steps
+  per block), or the threshold rule (rank 1 always, others iff c >= threshold), or the factor
+  rule (rank n passes iff c_n >= 1 - f / (n + 1); ranks before the first failure; a failure
+  at the last masked rank is accepted anyway). Ties in confidence go to the lower position.
+
+Dream (kind="dream"): logits are shifted by one (position i is predicted from the logits at
+i - 1; inside a cached query window the window's first position keeps its own logits, as in
+Fast-dLLM), and, as in Fast-dLLM's Dream block sampler, step 0 of a block commits exactly the
+block's first token; the k_i schedule then spreads the remaining n - 1 tokens over
+max(s_b - 1, 1) steps.
+
+Numerics: confidence and Gumbel noise are computed in float64 when x64 is enabled (the
+reference's precision; tests enable it), else float32. NFE = sum over blocks of (1 + cached
+steps), tokens_per_step = gen_length / NFE; the batch shares its forwards, so NFE counts the
+steps until every row's block is full.
+
+Static shapes: the block index is a runtime value for cache=None and "dual" (one compiled
+block program); "prefix" queries have length L_total - s, so that program compiles once per
+block index. Blocks run from a Python loop; each block is one jitted call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstack.models.dllm import KINDS, LLADA_MASK_ID
+from jaxstack.models.llm import LLM, KVCache
+
+Array = jax.Array
+
+CACHE_MODES = (None, "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+
+
+# -- commit rules (pure functions of confidences; tested directly) --------------------------------
+
+
+def confidence_ranks(conf_bk: Array, masked_bk: Array) -> Array:
+    """Rank int32 [B, K] of each masked position by descending confidence (0 = most
+    confident; ties: lower position first); unmasked positions rank after all masked ones."""
+    key = jnp.where(masked_bk, -conf_bk, jnp.inf)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+
+
+def topk_transfer(conf_bk: Array, masked_bk: Array, k_b: Array) -> Array:
+    """Commit the k_b[b] most confident masked positions of each row. Returns bool [B, K]."""
+    return masked_bk & (confidence_ranks(conf_bk, masked_bk) < k_b[:, None])
+
+
+def threshold_transfer(conf_bk: Array, masked_bk: Array, threshold: float) -> Array:
+    """Fast-dLLM threshold rule: rank 1 always, every other masked position iff c >= threshold."""
+    ranks = confidence_ranks(conf_bk, masked_bk)
+    return masked_bk & ((ranks == 0) | (conf_bk >= threshold))
+
+
+def factor_transfer(conf_bk: Array, masked_bk: Array, factor: float) -> Array:
+    """Fast-dLLM factor rule (`get_transfer_index_dynamic`).
+
+    Sorted confidences c_(1) >= c_(2) >= ...: rank 1 is forced; rank n passes iff
+    c_(n) >= 1 - factor / (n + 1). The ranks before the first failure are accepted, except
+    that a failure at the last masked rank is accepted anyway (the reference's quirk).
+    """
+    ranks = confidence_ranks(conf_bk, masked_bk)
+    k = conf_bk.shape[-1]
+    sorted_c = -jnp.sort(jnp.where(masked_bk, -conf_bk, jnp.inf), axis=-1)  # descending
+    idx = jnp.arange(k)
+    thresh = jnp.where(idx == 0, -1.0, 1.0 - factor / (idx + 2.0)).astype(sorted_c.dtype)
+    m = jnp.sum(masked_bk, axis=-1, keepdims=True)  # [B, 1]
+    fail = (idx < m) & (sorted_c < thresh)
+    first_fail = jnp.min(jnp.where(fail, idx, m), axis=-1, keepdims=True)
+    n_accept = jnp.where(first_fail >= m - 1, m, first_fail)
+    return masked_bk & (ranks < n_accept)
+
+
+def num_transfer_schedule(n_b: Array, steps: int) -> Array:
+    """k_i = n // steps + [i < n % steps] for i < steps: int32 [B, steps]."""
+    i = jnp.arange(steps)
+    n = n_b[:, None].astype(jnp.int32)
+    return (n // steps + (i < n % steps)).astype(jnp.int32)
+
+
+def _float_dtype():
+    """float64 where x64 is enabled (the reference's precision), else float32."""
+    canonicalize = getattr(jax.dtypes, "canonicalize_dtype", None)
+    return canonicalize(jnp.float64) if canonicalize else jnp.result_type(float)
+
+
+def step_noise(key: Array, step: Array | int, shape: tuple[int, ...]) -> tuple[Array, Array]:
+    """The randomness of one decode step: (gumbel_u [B, K, V], remask_u [B, K]) ~ U(0, 1).
+
+    Drawn from fold_in(key, step) where step is the global forward count; exposed so that
+    reference implementations can reproduce a sampled run.
+    """
+    k1, k2 = jax.random.split(jax.random.fold_in(key, step))
+    dt = _float_dtype()
+    tiny = float(jnp.finfo(dt).tiny)
+    return (
+        jax.random.uniform(k1, shape, dt, minval=tiny, maxval=1.0),
+        jax.random.uniform(k2, shape[:2], dt),
+    )
+
+
+def predict(
+    logits_bkv: Array,
+    *,
+    temperature: float,
+    remasking: str,
+    key: Array,
+    step: Array,
+    mask_id: int | None = None,
+) -> tuple[Array, Array]:
+    """(x_hat int32 [B, K], confidence [B, K]) from block logits (float64 under x64).
+
+    x_hat: argmax (temperature 0) or Gumbel-max argmax exp(l) / (-log u)^T, evaluated as
+    l - T log(-log u), never `mask_id` (the reference may predict [MASK] and then loops until
+    it stops doing so; trained models never do); confidence: softmax(l)[x_hat] over the raw
+    logits (low_confidence) or U(0, 1) (random).
+    """
+    lf = logits_bkv.astype(_float_dtype())
+    gumbel_u, remask_u = step_noise(key, step, lf.shape)
+    score = lf - temperature * jnp.log(-jnp.log(gumbel_u)) if temperature > 0 else lf
+    if mask_id is not None:
+        score = score.at[..., mask_id].set(-jnp.inf)
+    x_hat = jnp.argmax(score, axis=-1)
+    if remasking == "low_confidence":
+        p = jax.nn.softmax(lf, axis=-1)
+        conf = jnp.take_along_axis(p, x_hat[..., None], axis=-1)[..., 0]
+    else:
+        conf = remask_u
+    return x_hat.astype(jnp.int32), conf
+
+
+# -- the sampler ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DLLMOutput:
+    """Result of `dllm_generate`.
+
+    tokens: int32 [B, gen_length], the generated tokens; sequences: int32 [B, Lp + gen_length]
+    (prompt then tokens). nfe: forward passes (shared by the batch); tokens_per_step:
+    gen_length / nfe; nfe_per_block: list of per-block NFE (1 refresh + cached steps).
+    trace (trace=True only): per block, dict(x=[B, L_total] at the block start,
+    logits=[B, Bk, V] the block logits of step 0, before any shift).
+    """
+
+    tokens: Array
+    sequences: Array
+    nfe: int
+    tokens_per_step: float
+    nfe_per_block: list[int]
+    trace: list[dict[str, Array]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    prompt_len: int
+    total_len: int
+    block_length: int
+    steps_per_block: int
+    cache: str | None
+    threshold: float | None
+    factor: float | None
+    temperature: float
+    remasking: str
+    mask_id: int
+    kind: str
+    cache_dtype: Any
+    trace: bool
+
+
+def _block_logits_full(logits_blv: Array, s: Array, bk: int, shift: bool) -> Array:
+    """Block [s, s + bk) prediction logits from full-sequence logits (Dream: from i - 1)."""
+    idx = s + jnp.arange(bk)
+    if shift:
+        idx = jnp.maximum(idx - 1, 0)
+    return jnp.take(logits_blv, idx, axis=1)
+
+
+def _window_block_logits(logits_btv: Array, bk: int, shift: bool) -> Array:
+    """Block logits from a query window starting at the block (Dream: shift inside window)."""
+    if shift:
+        return jnp.concatenate([logits_btv[:, :1], logits_btv[:, : bk - 1]], axis=1)
+    return logits_btv[:, :bk]
+
+
+def _commit(x_bl, block_logits, s, step, sched, st: _Static, key, is_first):
+    """Apply one decode step's commits to the block of x. Returns the new x."""
+    bk = st.block_length
+    xb = jax.lax.dynamic_slice_in_dim(x_bl, s, bk, axis=1)
+    masked = xb == st.mask_id
+    x_hat, conf = predict(
+        block_logits,
+        temperature=st.temperature,
+        remasking=st.remasking,
+        key=key,
+        step=step,
+        mask_id=st.mask_id,
+    )
+    if st.kind == "dream" and is_first:
+        transfer = masked & (jnp.arange(bk) == 0)[None]
+    elif st.threshold is not None:
+        transfer = threshold_transfer(conf, masked, st.threshold)
+    elif st.factor is not None:
+        transfer = factor_transfer(conf, masked, st.factor)
+    else:
+        transfer = topk_transfer(conf, masked, sched)
+    xb = jnp.where(transfer, x_hat, xb)
+    return jax.lax.dynamic_update_slice_in_dim(x_bl, xb, s, axis=1)
+
+
+def _positions(b: int, start, length: int) -> Array:
+    return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "st", "prefix_start"))
+def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, prefix_start: int | None):
+    """One block: refresh forward (step 0) then the while-loop of cached/uncached steps.
+
+    Returns (x, nfe, block_nfe, trace_logits-or-None)."""
+    model = nnx.merge(graphdef, state)
+    b, total = x.shape
+    bk, shift = st.block_length, st.kind == "dream"
+    if prefix_start is not None:
+        s = jnp.asarray(prefix_start, jnp.int32)
+
+    # k_i schedule from the block's masks at block start (Dream: step 0 commits one token).
+    n0 = jnp.sum(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id, axis=1)
+    if shift:
+        steps = max(st.steps_per_block - 1, 1)
+        sched_all, offset = num_transfer_schedule(jnp.maximum(n0 - 1, 0), steps), 1
+    else:
+        steps = st.steps_per_block
+        sched_all, offset = num_transfer_schedule(n0, steps), 0
+
+    def sched_at(i):
+        j = jnp.clip(i - offset, 0, steps - 1)
+        return jax.lax.dynamic_index_in_dim(sched_all, j, axis=1, keepdims=False)
+
+    # Step 0: full forward (and the cache refresh).
+    if st.cache is None:
+        logits = model(x)
+        cache = None
+    else:
+        empty = KVCache.init(model.cfg, b, total, dtype=st.cache_dtype)
+        logits, cache = model.decode_step(empty, x, positions=_positions(b, 0, total))
+    first = _block_logits_full(logits, s, bk, shift)
+    x = _commit(x, first, s, nfe, sched_at(0), st, key, is_first=True)
+    trace_logits = jax.lax.dynamic_slice_in_dim(logits, s, bk, axis=1) if st.trace else None
+
+    def step_logits(x):
+        if st.cache is None:
+            return _block_logits_full(model(x), s, bk, shift)
+        at_s = dataclasses.replace(cache, index=s)
+        if st.cache == "prefix":
+            q = x[:, prefix_start:]
+            out, _ = model.decode_step(at_s, q, positions=_positions(b, s, total - prefix_start))
+        else:
+            q = jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1)
+            out, _ = model.decode_step(at_s, q, positions=_positions(b, s, bk), visible_len=total)
+        return _window_block_logits(out, bk, shift)
+
+    # Every step commits >= 1 token per unfinished row (rank 1 / the k_i schedule), so a block
+    # ends within max(s_b, Bk) steps; the bound only guards against a broken invariant.
+    max_steps = max(st.steps_per_block, bk) + 1
+
+    def cond(carry):
+        x, _, i = carry
+        has_mask = jnp.any(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id)
+        return has_mask & (i < max_steps)
+
+    def body(carry):
+        x, nfe, i = carry
+        x = _commit(x, step_logits(x), s, nfe, sched_at(i), st, key, is_first=False)
+        return x, nfe + 1, i + 1
+
+    one = jnp.ones((), jnp.int32)
+    x, nfe_out, i = jax.lax.while_loop(cond, body, (x, nfe + one, one))
+    return x, nfe_out, i, trace_logits
+
+
+def dllm_generate(
+    model: LLM,
+    prompt_ids: Array | np.ndarray,
+    *,
+    gen_length: int,
+    block_length: int = 32,
+    steps: int | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+    cache: str | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int = LLADA_MASK_ID,
+    kind: str = "llada",
+    seed: int = 0,
+    cache_dtype: Any = None,
+    trace: bool = False,
+) -> DLLMOutput:
+    """Generate `gen_length` tokens after each prompt with a diffusion LLM.
+
+    prompt_ids int [B, Lp] (equal-length prompts; no padding); gen_length % block_length == 0;
+    steps: total steps (default gen_length, one token per step), a multiple of the number of
+    blocks; ignored when threshold or factor is set (a block runs until it has no [MASK]).
+    threshold / factor: parallel decoding rule (at most one). cache: None | "prefix" | "dual".
+    temperature: Gumbel-max temperature (0 = argmax); remasking: "low_confidence" | "random".
+    mask_id: the [MASK] id; kind: "llada" | "dream" (logit shift). seed: PRNG seed of the
+    sampling noise. cache_dtype: K/V cache dtype (default the model's compute dtype).
+    trace: also return each block's start state and step-0 block logits (tests, debugging).
+    """
+    prompt = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt.ndim != 2:
+        raise ValueError(f"prompt_ids must be [B, Lp], got shape {prompt.shape}")
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        raise ValueError(
+            f"gen_length={gen_length} must be a positive multiple of block_length={block_length}"
+        )
+    num_blocks = gen_length // block_length
+    steps = gen_length if steps is None else steps
+    if steps <= 0 or steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of num_blocks={num_blocks}")
+    if threshold is not None and factor is not None:
+        raise ValueError("set at most one of threshold and factor")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {cache!r}; choose from {CACHE_MODES}")
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {remasking!r}; choose from {REMASKING}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown diffusion LLM kind {kind!r}; choose from {KINDS}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    b, lp = prompt.shape
+    total = lp + gen_length
+    st = _Static(
+        prompt_len=lp,
+        total_len=total,
+        block_length=block_length,
+        steps_per_block=steps // num_blocks,
+        cache=cache,
+        threshold=None if threshold is None else float(threshold),
+        factor=None if factor is None else float(factor),
+        temperature=float(temperature),
+        remasking=remasking,
+        mask_id=int(mask_id),
+        kind=kind,
+        cache_dtype=jnp.dtype(model.dtype if cache_dtype is None else cache_dtype),
+        trace=trace,
+    )
+    graphdef, state = nnx.split(model)
+    x = jnp.concatenate([prompt, jnp.full((b, gen_length), mask_id, jnp.int32)], axis=1)
+    key = jax.random.key(seed)
+    nfe = jnp.zeros((), jnp.int32)
+    per_block, traces = [], []
+    for blk in range(num_blocks):
+        s = lp + blk * block_length
+        x_start = x
+        x, nfe, block_nfe, logits0 = _run_block(
+            graphdef,
+            state,
+            x,
+            key,
+            nfe,
+            jnp.asarray(s, jnp.int32),
+            st=st,
+            prefix_start=s if cache == "prefix" else None,
+        )
+        per_block.append(block_nfe)
+        if trace:
+            traces.append({"x": x_start, "logits": logits0})
+    nfe_total = int(nfe)
+    return DLLMOutput(
+        tokens=x[:, lp:],
+        sequences=x,
+        nfe=nfe_total,
+        tokens_per_step=gen_length / nfe_total,
+        nfe_per_block=[int(n) for n in per_block],
+        trace=traces if trace else None,
+    )
