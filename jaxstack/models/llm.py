@@ -19,7 +19,12 @@ from flax import nnx
 
 from jaxstack.nn.attention import dot_product_attention, make_attn_mask
 from jaxstack.nn.layers import Dense, Embed, RMSNorm, apply_rope, rope_inv_freq
-from jaxstack.parallel.mesh import constrain
+from jaxstack.parallel.mesh import constrain, current_mesh
+from jaxstack.parallel.sequence import (
+    sequence_parallel_attention,
+    sequence_parallel_options,
+    sequence_parallel_size,
+)
 
 Array = jax.Array
 
@@ -261,7 +266,19 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
 
-    def __call__(self, x_btd, positions_bt, inv_freq, *, mask, causal, cache_kv=None, index=None):
+    def __call__(
+        self,
+        x_btd,
+        positions_bt,
+        inv_freq,
+        *,
+        mask,
+        causal,
+        cache_kv=None,
+        index=None,
+        segment_ids=None,
+        sequence_parallel=False,
+    ):
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -280,9 +297,28 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask=mask, causal=causal)
+        if sequence_parallel:  # mesh has sequence > 1: shard_map attention (segments, no mask)
+            out = _sequence_parallel(q, k, v, causal=causal, segment_ids=segment_ids)
+        else:
+            out = dot_product_attention(q, k, v, mask=mask, causal=causal)
         out = constrain(out, ("batch", "seq", "act_heads", None))
         return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+
+def _sequence_parallel(q, k, v, *, causal, segment_ids):
+    """Attention over the current mesh's `sequence` axis; mode from `use_sequence_parallel`."""
+    opts = sequence_parallel_options()
+    return sequence_parallel_attention(
+        q,
+        k,
+        v,
+        mesh=current_mesh(),
+        mode=opts.mode,
+        causal=causal,
+        segment_ids=segment_ids,
+        ulysses_size=opts.ulysses_size,
+        implementation=opts.implementation,
+    )
 
 
 class MLP(nnx.Module):
@@ -309,7 +345,19 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, inv_freq, *, mask, causal, cache_kv=None, index=None):
+    def __call__(
+        self,
+        x_btd,
+        positions_bt,
+        inv_freq,
+        *,
+        mask,
+        causal,
+        cache_kv=None,
+        index=None,
+        segment_ids=None,
+        sequence_parallel=False,
+    ):
         attn, new_kv = self.self_attn(
             self.input_layernorm(x_btd),
             positions_bt,
@@ -318,6 +366,8 @@ class Block(nnx.Module):
             causal=causal,
             cache_kv=cache_kv,
             index=index,
+            segment_ids=segment_ids,
+            sequence_parallel=sequence_parallel,
         )
         x_btd = x_btd + attn
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
@@ -406,7 +456,18 @@ class LLM(nnx.Module):
             out = self.lm_head(hidden_btd)
         return constrain(out, ("batch", "seq", "act_vocab"))
 
-    def _run_layers(self, x, positions, *, mask, causal, cache: KVCache | None):
+    def _run_layers(
+        self,
+        x,
+        positions,
+        *,
+        mask,
+        causal,
+        cache: KVCache | None,
+        segment_ids=None,
+        sequence_parallel=False,
+    ):
+        sp = dict(segment_ids=segment_ids, sequence_parallel=sequence_parallel)
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
@@ -416,12 +477,12 @@ class LLM(nnx.Module):
                 policy = REMAT_POLICIES[self.remat]
 
                 def run(block, x, positions, mask):
-                    return block(x, positions, inv_freq, mask=mask, causal=causal)[0]
+                    return block(x, positions, inv_freq, mask=mask, causal=causal, **sp)[0]
 
                 x = nnx.remat(run, policy=policy)(layer, x, positions, mask)
                 continue
             x, new_kv = layer(
-                x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index
+                x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index, **sp
             )
             if new_kv is not None:
                 new_k.append(new_kv[0])
@@ -446,12 +507,29 @@ class LLM(nnx.Module):
         segments / padding); segment_ids int [B, T] for packed sequences; input_mask bool
         [B, T] (False = padding); mask_ar int [B, T] overrides the attention pattern (see
         `make_attn_mask`), default all ones if causal else all zeros.
+
+        When the current mesh (`use_mesh`) has sequence > 1 and neither input_mask nor mask_ar
+        is given, attention runs sequence-parallel (`jaxstack.parallel.sequence`; mode set by
+        `use_sequence_parallel`, default "auto") with segment ids instead of a dense mask.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
         x = constrain(x, ("batch", "seq", "act_embed"))
         if positions is None:
             positions = positions_from(b, t, segment_ids, input_mask)
+        sp = sequence_parallel_size(current_mesh())
+        if sp > 1 and t % sp == 0 and input_mask is None and mask_ar is None:
+            # Sequence parallelism: segment ids go to the shard_map attention (no dense mask).
+            hidden, _ = self._run_layers(
+                x,
+                positions,
+                mask=None,
+                causal=self.cfg.causal,
+                cache=None,
+                segment_ids=segment_ids,
+                sequence_parallel=True,
+            )
+            return hidden
         if segment_ids is None and input_mask is None and mask_ar is None:
             mask, causal = None, self.cfg.causal
         else:

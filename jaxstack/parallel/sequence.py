@@ -1,0 +1,474 @@
+"""Sequence parallelism for long contexts (LongVILA MM-SP): Ulysses, ring and 2D hybrid attention.
+
+q, k, v are laid out [B, S, heads, H] (as `jax.nn.dot_product_attention`) with S sharded over
+the mesh's `sequence` axis. `sequence_parallel_attention` runs one of:
+
+- "ulysses": all_to_all sequence shards -> head shards, full-sequence attention on 1/P of the
+  heads through `jaxstack.nn.attention.dot_product_attention` (cuDNN on GPU), all_to_all back.
+  KV heads are repeated when P does not divide them (GQA with few KV heads).
+- "ring": each device keeps its query block; K/V blocks (with their positions and segment ids)
+  travel around the ring with `ppermute`; partial results are merged online by log-sum-exp.
+  The backward pass is a second ring pass (custom_vjp) that uses the global output and
+  log-sum-exp: dq accumulates locally, dk/dv travel with their blocks and arrive home after P
+  steps. The per-block math is `pallas_kernels.flash_attention` (GPU kernel or reference).
+- "2d": the P = R x U sequence devices form R ring groups of U consecutive devices (Ulysses
+  inside a node, ring across nodes, as LongVILA's `use_ulysses_low`): all_to_all inside each
+  Ulysses group, ring attention across the groups, all_to_all back.
+
+2D mesh choice: `make_mesh` keeps its four standard axes, so for "2d" we build, inside this
+function, a view of the same devices in which the `sequence` axis is reshaped into
+("sequence_ring", "sequence_ulysses") = [R, U] (row-major, so device d of the sequence axis is
+ring group d // U, Ulysses rank d % U and the shard order is unchanged). A caller whose mesh
+already has two sequence axes passes `ring_axis=` and `ulysses_axis=` instead.
+
+Layouts: "contiguous" (device d holds tokens [d S/P, (d+1) S/P)) or "zigzag" (the sequence is
+cut into 2P chunks and device d holds chunks d and 2P-1-d, which balances causal work). Global
+token positions follow the layout, so causal masks stay right in every mode; use
+`to_zigzag`/`from_zigzag` to move arrays between the layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxstack.nn.attention import dot_product_attention
+from pallas_kernels.flash_attention import get_block_fns, merge_partials
+
+Array = jax.Array
+
+MODES = ("ulysses", "ring", "2d")
+LAYOUTS = ("contiguous", "zigzag")
+RING_SUFFIX, ULYSSES_SUFFIX = "_ring", "_ulysses"
+
+
+# -- layouts ----------------------------------------------------------------------------------
+
+
+def zigzag_permutation(seq_len: int, sp: int) -> np.ndarray:
+    """int32 [seq_len]: position held at each storage index of the zigzag layout.
+
+    The sequence is cut into 2 * sp chunks; rank r holds chunks r and 2 sp - 1 - r, so
+    `x_zigzag = x[perm]` and storage index i holds the token at position perm[i].
+    """
+    if seq_len % (2 * sp):
+        raise ValueError(f"zigzag layout needs seq_len={seq_len} divisible by 2*sp={2 * sp}")
+    c = seq_len // (2 * sp)
+    order = [j for r in range(sp) for j in (r, 2 * sp - 1 - r)]
+    return np.concatenate([np.arange(j * c, (j + 1) * c) for j in order]).astype(np.int32)
+
+
+def to_zigzag(x: Array, axis: int, sp: int) -> Array:
+    """Reorder `x` along `axis` (length S, positions 0..S-1) into the zigzag layout."""
+    return jnp.take(x, zigzag_permutation(x.shape[axis], sp), axis=axis)
+
+
+def from_zigzag(x: Array, axis: int, sp: int) -> Array:
+    """Inverse of `to_zigzag`: zigzag storage order back to position order along `axis`."""
+    inv = np.argsort(zigzag_permutation(x.shape[axis], sp)).astype(np.int32)
+    return jnp.take(x, inv, axis=axis)
+
+
+def layout_positions(seq_len: int, sp: int, layout: str) -> np.ndarray:
+    """int32 [seq_len]: global token position at each storage index for `layout`."""
+    if layout == "contiguous":
+        return np.arange(seq_len, dtype=np.int32)
+    if layout == "zigzag":
+        return zigzag_permutation(seq_len, sp)
+    raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+
+
+# -- options used by the models ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelOptions:
+    """How models route attention when the current mesh has sequence > 1.
+
+    mode: "auto" (Ulysses when the query heads divide by the sequence size, else 2D with the
+    largest Ulysses group the heads allow, else ring), or one of MODES.
+    ulysses_size: Ulysses group size for "2d" (default: chosen as in "auto").
+    implementation: block-kernel implementation for the ring (None = best available).
+    """
+
+    mode: str = "auto"
+    ulysses_size: int | None = None
+    implementation: str | None = None
+
+
+_OPTIONS: contextvars.ContextVar[SequenceParallelOptions | None] = contextvars.ContextVar(
+    "sequence_parallel_options", default=None
+)
+
+
+@contextlib.contextmanager
+def use_sequence_parallel(
+    mode: str = "auto", ulysses_size: int | None = None, implementation: str | None = None
+) -> Iterator[SequenceParallelOptions]:
+    """Set the sequence-parallel options read by models traced inside this context."""
+    if mode not in ("auto", *MODES):
+        raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
+    token = _OPTIONS.set(SequenceParallelOptions(mode, ulysses_size, implementation))
+    try:
+        yield sequence_parallel_options()
+    finally:
+        _OPTIONS.reset(token)
+
+
+def sequence_parallel_options() -> SequenceParallelOptions:
+    """The options set by the innermost `use_sequence_parallel` (defaults outside one)."""
+    return _OPTIONS.get() or SequenceParallelOptions()
+
+
+def sequence_parallel_size(mesh: Mesh | None, axis: str = "sequence") -> int:
+    """Size of `axis` in `mesh` (1 when there is no mesh or no such axis)."""
+    if mesh is None or axis not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[axis])
+
+
+def choose_mode(num_heads: int, sp: int, ulysses_size: int | None = None) -> tuple[str, int]:
+    """("ulysses" | "2d" | "ring", ulysses group size) for `num_heads` query heads over sp devices."""
+    if ulysses_size is not None:
+        if ulysses_size in (1, sp):
+            return ("ring", 1) if ulysses_size == 1 else ("ulysses", sp)
+        return "2d", ulysses_size
+    if num_heads % sp == 0:
+        return "ulysses", sp
+    u = max(d for d in range(1, sp + 1) if sp % d == 0 and num_heads % d == 0)
+    return ("2d", u) if u > 1 else ("ring", 1)
+
+
+# -- shard_map across jax versions ------------------------------------------------------------
+
+
+def _shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """shard_map without replication checks (jax.shard_map or the experimental one)."""
+    sm = getattr(jax, "shard_map", None)
+    if sm is None:  # older jax
+        from jax.experimental.shard_map import shard_map as sm
+    params = inspect.signature(sm).parameters
+    check = {"check_vma": False} if "check_vma" in params else {"check_rep": False}
+    return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
+
+
+def split_sequence_mesh(mesh: Mesh, axis: str, ulysses_size: int) -> tuple[Mesh, str, str]:
+    """(mesh view, ring axis, Ulysses axis): `axis` of size R*U reshaped into [R, U].
+
+    Same devices in the same order; Ulysses groups are U consecutive devices of `axis`.
+    """
+    names = list(mesh.axis_names)
+    i = names.index(axis)
+    size = mesh.shape[axis]
+    if ulysses_size < 1 or size % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} does not divide {axis}={size}")
+    devices = np.asarray(mesh.devices)
+    shape = devices.shape[:i] + (size // ulysses_size, ulysses_size) + devices.shape[i + 1 :]
+    ring, uly = axis + RING_SUFFIX, axis + ULYSSES_SUFFIX
+    names[i : i + 1] = [ring, uly]
+    return Mesh(devices.reshape(shape), tuple(names)), ring, uly
+
+
+# -- ring attention (custom_vjp) --------------------------------------------------------------
+
+
+def _rotate(tree, axis_name: str, size: int):
+    """Send every leaf to the next device of the ring (device i -> i + 1)."""
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring(q, k, v, pos, seg, axis_name, size, causal, scale, implementation):
+    return _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation)[0]
+
+
+def _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation):
+    fwd, _ = get_block_fns(implementation)
+
+    def block(kv):
+        k_, v_, pos_, seg_ = kv
+        return fwd(
+            q,
+            k_,
+            v_,
+            q_positions=pos,
+            kv_positions=pos_,
+            causal=causal,
+            q_segment_ids=seg,
+            kv_segment_ids=seg_,
+            scale=scale,
+        )
+
+    def merge(out, lse, kv):
+        out_i, lse_i = block(kv)
+        return merge_partials(out, lse, out_i.astype(jnp.float32), lse_i)
+
+    def step(carry, _):
+        out, lse, kv = carry
+        next_kv = _rotate(kv, axis_name, size)  # independent of this block's compute: overlaps
+        out, lse = merge(out, lse, kv)
+        return (out, lse, next_kv), None
+
+    # P blocks, P - 1 hops: compute block i while block i + 1 is in flight.
+    kv = (k, v, pos, seg)
+    out, lse = block(kv)
+    out = out.astype(jnp.float32)
+    if size > 1:
+        kv = _rotate(kv, axis_name, size)
+        if size > 2:
+            (out, lse, kv), _ = lax.scan(step, (out, lse, kv), None, length=size - 2)
+        out, lse = merge(out, lse, kv)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, pos, seg, out, lse)
+
+
+def _ring_bwd(axis_name, size, causal, scale, implementation, res, dout):
+    q, k, v, pos, seg, out, lse = res
+    _, bwd = get_block_fns(implementation)
+
+    def block(kv):
+        k_, v_, pos_, seg_ = kv
+        return bwd(
+            q,
+            k_,
+            v_,
+            out,
+            lse,
+            dout,
+            q_positions=pos,
+            kv_positions=pos_,
+            causal=causal,
+            q_segment_ids=seg,
+            kv_segment_ids=seg_,
+            scale=scale,
+        )
+
+    def accumulate(kv, dq, dkv):
+        dq_i, dk_i, dv_i = block(kv)
+        dk, dv = dkv
+        f32 = lambda x: x.astype(jnp.float32)
+        return dq + f32(dq_i), (dk + f32(dk_i), dv + f32(dv_i))
+
+    def step(carry, _):
+        kv, dq, dkv = carry
+        dq, dkv = accumulate(kv, dq, dkv)
+        kv, dkv = _rotate((kv, dkv), axis_name, size)
+        return (kv, dq, dkv), None
+
+    kv = (k, v, pos, seg)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if size > 1:
+        (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), None, length=size - 1)
+    dq, dkv = accumulate(kv, dq, dkv)
+    dk, dv = _rotate(dkv, axis_name, size) if size > 1 else dkv  # the P-th hop: home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention_shard(
+    q: Array,
+    k: Array,
+    v: Array,
+    positions: Array,
+    segment_ids: Array | None,
+    *,
+    axis_name: str,
+    axis_size: int,
+    causal: bool,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Ring attention on one device's shard, inside shard_map over `axis_name`.
+
+    q [B, T, Nq, H]; k, v [B, T, Nkv, H]: this device's tokens; positions int32 [T] their global
+    positions; segment_ids int32 [B, T] or None. Returns [B, T, Nq, H] in q.dtype.
+    """
+    return _ring(
+        q, k, v, positions, segment_ids, axis_name, axis_size, causal, scale, implementation
+    )
+
+
+# -- Ulysses pieces ---------------------------------------------------------------------------
+
+
+def _kv_repeat(num_heads: int, num_kv_heads: int, size: int) -> int:
+    """Factor to repeat KV heads by so that `size` divides them (GQA grouping preserved)."""
+    if num_heads % size:
+        raise ValueError(
+            f"Ulysses over {size} devices needs the query heads per device ({num_heads}) "
+            "divisible by it; use mode 'ring' or '2d' with a smaller ulysses_size"
+        )
+    return size // math.gcd(num_kv_heads, size)
+
+
+def _seq_to_heads(x: Array, axis_name: str) -> Array:
+    """[B, T/U, N, H] sequence shard -> [B, T, N/U, H] head shard (all_to_all over the group)."""
+    return lax.all_to_all(x, axis_name, split_axis=2, concat_axis=1, tiled=True)
+
+
+def _heads_to_seq(x: Array, axis_name: str) -> Array:
+    """[B, T, N/U, H] head shard -> [B, T/U, N, H] sequence shard."""
+    return lax.all_to_all(x, axis_name, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _local_attention(q, k, v, seg, *, causal, layout, sp, scale):
+    """Full-sequence attention on gathered heads; q/k/v [B, S, n, H] in storage order."""
+    perm = layout_positions(q.shape[1], sp, layout)
+    zig = layout == "zigzag"
+    if zig:  # back to position order so the causal mask is the plain one (cuDNN's is_causal)
+        inv = np.argsort(perm).astype(np.int32)
+        q, k, v = (jnp.take(x, inv, axis=1) for x in (q, k, v))
+        seg = None if seg is None else jnp.take(seg, inv, axis=1)
+    mask = None if seg is None else (seg[:, :, None] == seg[:, None, :])[:, None]
+    out = dot_product_attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    return jnp.take(out, perm, axis=1) if zig else out
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def _batch_and_head_axes(
+    mesh: Mesh, batch: int, nq: int, nkv: int, used: set[str]
+) -> tuple[str | tuple[str, ...] | None, str | None]:
+    """(batch spec, head axis) for the shard_map specs: batch over the data/fsdp axes that
+    divide it, heads over "tensor" when it divides both Nq and Nkv (else replicated)."""
+    b_axes = tuple(
+        a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used
+    )
+    if b_axes and batch % math.prod(mesh.shape[a] for a in b_axes):
+        b_axes = ()
+    h_axis = None
+    if "tensor" in mesh.axis_names and "tensor" not in used:
+        tp = mesh.shape["tensor"]
+        if tp > 1 and nq % tp == 0 and nkv % tp == 0:
+            h_axis = "tensor"
+    b_spec = None if not b_axes else (b_axes[0] if len(b_axes) == 1 else b_axes)
+    return b_spec, h_axis
+
+
+def sequence_parallel_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mesh: Mesh,
+    mode: str,
+    causal: bool,
+    segment_ids: Array | None = None,
+    ring_axis: str = "sequence",
+    ulysses_axis: str | None = None,
+    ulysses_size: int | None = None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Attention with the sequence sharded over the mesh (global view in, global view out).
+
+    q [B, S, Nq, H]; k, v [B, S, Nkv, H] (Nq % Nkv == 0), S sharded over `ring_axis` in the
+    given `layout` ("contiguous" or "zigzag"; positions follow the layout). segment_ids int
+    [B, S] (packed sequences attend within equal ids), same layout. Returns [B, S, Nq, H] in
+    q.dtype, sharded like q, equal to single-device attention on the un-permuted sequence.
+
+    mode: "ulysses" | "ring" over `ring_axis` (the mesh's sequence axis), "2d", or "auto"
+    (Ulysses when the query heads per device divide by the sequence size, else 2D with the
+    largest Ulysses group they allow, else ring; see `choose_mode`). For "2d",
+    either `ulysses_axis` names a second mesh axis (sequence sharded over (ring_axis,
+    ulysses_axis), Ulysses inner), or `ulysses_size` splits `ring_axis` into [ring, Ulysses]
+    with Ulysses groups of consecutive devices (see the module docstring).
+    Batch is kept sharded over "data"/"fsdp" and heads over "tensor" when those axes divide.
+    implementation: the ring's block kernel (None = GPU kernel when available, else reference).
+    """
+    if mode not in ("auto", *MODES):
+        raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"need q [B,S,Nq,H], k/v [B,S,Nkv,H], Nq % Nkv == 0: {q.shape} {k.shape}")
+    if ring_axis not in mesh.axis_names:
+        raise ValueError(f"mesh axes {mesh.axis_names} have no sequence axis {ring_axis!r}")
+    b, s, nq, _ = q.shape
+    nkv = k.shape[2]
+    if mode == "auto":
+        _, h_axis = _batch_and_head_axes(mesh, b, nq, nkv, {ring_axis})
+        local_heads = nq // (mesh.shape[h_axis] if h_axis else 1)
+        mode, size = choose_mode(local_heads, int(mesh.shape[ring_axis]), ulysses_size)
+        ulysses_size = size if mode == "2d" else None
+
+    r_axis: str | None = ring_axis
+    u_axis: str | None = None
+    if mode == "ulysses":
+        r_axis, u_axis = None, ring_axis
+    elif mode == "2d":
+        if ulysses_axis is not None:
+            u_axis = ulysses_axis
+        else:
+            if ulysses_size is None:
+                raise ValueError("mode '2d' needs ulysses_size (or a mesh with ulysses_axis)")
+            mesh, r_axis, u_axis = split_sequence_mesh(mesh, ring_axis, ulysses_size)
+    seq_axes = tuple(a for a in (r_axis, u_axis) if a is not None)
+    sizes = {a: int(mesh.shape[a]) for a in seq_axes}
+    sp = math.prod(sizes.values())
+    if s % sp:
+        raise ValueError(f"sequence length {s} is not divisible by the {sp} sequence devices")
+    positions = jnp.asarray(layout_positions(s, sp, layout))
+
+    b_spec, h_axis = _batch_and_head_axes(mesh, b, nq, nkv, set(seq_axes))
+    s_spec = seq_axes[0] if len(seq_axes) == 1 else seq_axes
+    x_spec = P(b_spec, s_spec, h_axis, None)
+    seg_spec = P(b_spec, s_spec)
+    has_seg = segment_ids is not None
+    seg_in = segment_ids.astype(jnp.int32) if has_seg else jnp.zeros((b, s), jnp.int32)
+
+    def body(q, k, v, pos, seg):
+        seg = seg if has_seg else None
+        if u_axis is not None:
+            u = sizes[u_axis]
+            rep = _kv_repeat(q.shape[2], k.shape[2], u)
+            if rep > 1:
+                k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+            q, k, v = (_seq_to_heads(x, u_axis) for x in (q, k, v))
+            pos = lax.all_gather(pos, u_axis, axis=0, tiled=True)
+            if seg is not None:
+                seg = lax.all_gather(seg, u_axis, axis=1, tiled=True)
+        if r_axis is None:
+            out = _local_attention(q, k, v, seg, causal=causal, layout=layout, sp=sp, scale=scale)
+        else:
+            out = ring_attention_shard(
+                q,
+                k,
+                v,
+                pos,
+                seg,
+                axis_name=r_axis,
+                axis_size=sizes[r_axis],
+                causal=causal,
+                scale=scale,
+                implementation=implementation,
+            )
+        if u_axis is not None:
+            out = _heads_to_seq(out, u_axis)
+        return out
+
+    fn = _shard_map(
+        body,
+        mesh,
+        in_specs=(x_spec, x_spec, x_spec, P(s_spec), seg_spec),
+        out_specs=x_spec,
+    )
+    return fn(q, k, v, positions, seg_in)
