@@ -32,18 +32,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh
 
 from jaxstack.hf.errors import CheckpointError
-from jaxstack.hf.llm import _is_var, _make_array, _params, _path_str, _sharding, hf_key_for
+from jaxstack.hf.llm import hf_key_for, load_weights
 from jaxstack.hf.llm_config import config_from_hf, read_hf_config
-from jaxstack.hf.safetensors_io import CheckpointReader
 from jaxstack.models.dllm import DREAM_MASK_ID, LLADA_MASK_ID, DLLMConfig
 from jaxstack.models.llm import LLM, LLMConfig
 
@@ -87,7 +83,6 @@ LLADA_KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
     (r"layers\.(\d+)\.mlp\.down_proj\.kernel", "model.transformer.blocks.{}.ff_out.weight", True),
 )
 _LLADA_RULES = [(re.compile(p), k, t) for p, k, t in LLADA_KEY_TABLE]
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
 def llada_key_for(param_path: str) -> tuple[str, bool]:
@@ -201,41 +196,7 @@ def load_dllm(
     cfg_file = os.path.join(path, "config.json")
     dcfg = dllm_config_from_hf(read_hf_config(path), source=cfg_file)
     key_for = llada_key_for if dcfg.kind == "llada" else hf_key_for
-    param_dtype = dtype if param_dtype is None else param_dtype
-    abstract = nnx.eval_shape(
-        lambda: LLM(dcfg.llm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    model = load_weights(
+        path, dcfg.llm, key_for=key_for, dtype=dtype, param_dtype=param_dtype, mesh=mesh
     )
-    graphdef, state = nnx.split(abstract)
-    with CheckpointReader(path) as reader:
-        plan = {}
-        for param_path, var in _params(state):
-            key, transpose = key_for(param_path)
-            shape = tuple(var.get_value().shape)
-            expected = shape[::-1] if transpose else shape
-            found = reader.shape(key)
-            if found != expected:
-                raise CheckpointError(
-                    f"tensor {key!r} in {reader.where(key)}: expected shape {expected} "
-                    f"(from {cfg_file}), found {found}"
-                )
-            plan[param_path] = (key, transpose)
-        unused = sorted(
-            k for k in reader.keys() - {k for k, _ in plan.values()} if not _IGNORED.fullmatch(k)
-        )
-        if unused:
-            warnings.warn(
-                f"{reader.listing}: {len(unused)} tensors the {dcfg.kind} model does not use, "
-                f"e.g. {unused[:3]}",
-                stacklevel=2,
-            )
-
-        def fill(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
-            key, transpose = plan[_path_str(key_path)]
-            value = var.get_value()
-            array = _make_array(
-                reader, key, transpose, value.shape, value.dtype, _sharding(var, mesh)
-            )
-            return var.replace(array)
-
-        state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=_is_var)
-    return nnx.merge(graphdef, state), dcfg
+    return model, dcfg

@@ -34,7 +34,7 @@ from jaxstack.hf.safetensors_io import (
     write_index,
     write_safetensors,
 )
-from jaxstack.models.llm import LLM
+from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import variable_sharding
 
 # (HF key, jaxstack parameter path, transpose); "{field}" matches the pattern in _FIELDS.
@@ -112,12 +112,15 @@ def _sharding(var: nnx.Variable, mesh: Mesh | None) -> Sharding:
 
 
 def _check(
-    params: list[tuple[str, nnx.Variable]], reader: CheckpointReader, cfg_file: str
+    params: list[tuple[str, nnx.Variable]],
+    reader: CheckpointReader,
+    cfg_file: str,
+    key_for: Callable[[str], tuple[str, bool]],
 ) -> dict[str, tuple[str, bool]]:
     """HF key and transpose flag per parameter path; every key present with the right shape."""
     plan = {}
     for path, var in params:
-        key, transpose = hf_key_for(path)
+        key, transpose = key_for(path)
         shape = tuple(var.get_value().shape)
         expected = shape[::-1] if transpose else shape
         found = reader.shape(key)
@@ -181,15 +184,34 @@ def load_model(
     shape mismatches; warns about tensors the model does not use.
     """
     path = os.fspath(path)
+    cfg = config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"))
+    return load_weights(path, cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat)
+
+
+def load_weights(
+    path: str | os.PathLike,
+    cfg: LLMConfig,
+    *,
+    key_for: Callable[[str], tuple[str, bool]] | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    mesh: Mesh | None = None,
+    remat: str = "none",
+) -> LLM:
+    """An `LLM(cfg)` filled from the safetensors in `path`, each parameter read slice by slice
+    straight into its sharding. key_for maps a parameter path (e.g. "layers/0/mlp/up_proj/kernel")
+    to (checkpoint key, transpose?); default: the transformers layout (`hf_key_for`). Missing
+    tensors and shape mismatches raise CheckpointError; tensors the model does not use warn."""
+    path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
-    cfg = config_from_hf(read_hf_config(path), source=cfg_file)
+    key_for = hf_key_for if key_for is None else key_for
     param_dtype = dtype if param_dtype is None else param_dtype
     abstract = nnx.eval_shape(
         lambda: LLM(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
     )
     graphdef, state = nnx.split(abstract)
     with CheckpointReader(path) as reader:
-        plan = _check(_params(state), reader, cfg_file)
+        plan = _check(_params(state), reader, cfg_file, key_for)
         _warn_unused(reader, {k for k, _ in plan.values()}, cfg.tie_word_embeddings)
 
         def fill(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
