@@ -1,0 +1,272 @@
+"""NVILA vision-language model: SigLIP tower -> 2x2 projector -> Qwen2-family LLM.
+
+Pipeline (specs/vlm.md §1): images/frames [N, H, W, 3] (NHWC) go through `SiglipVisionTower`
+(features = hidden_states[-2], no post-LN) -> `tokens_to_map` -> `Projector2x2` giving
+[N, tokens, D_llm]. Video frames are then averaged over groups of `frames_per_group`
+consecutive frames (TSP `pool_sizes [[8, 1, 1]]`) and each group is followed by the LLM's
+embedding of the separator token ("\\n"). Media embeddings are spliced into the prompt at the
+placeholder (`media_token_id`) positions with `merge_multimodal`.
+
+`encode_video(model, frames, mesh=...)` runs the per-frame tower + projector data-parallel over
+the frames inside `shard_map` (each device only sees its own pixels); only projected tokens are
+combined for the temporal pooling.
+
+Shapes: N images/frames, T frames, G = ceil(T / frames_per_group) groups, n tokens per frame
+after the projector (= ceil(grid/2)^2), D LLM hidden size, B batch, L text length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxstack.models.llm import LLM, LLMConfig
+from jaxstack.models.nvila_connector import (
+    Projector2x2,
+    interleave_separators,
+    merge_multimodal,
+    temporal_pool,
+    tokens_to_map,
+)
+from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower, siglip_config
+from jaxstack.parallel.mesh import use_mesh
+from jaxstack.parallel.sequence import _shard_map
+
+Array = jax.Array
+
+PROJECTORS = ("2x2",)
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """NVILA sizes: vision tower, LLM, connector and the special token ids.
+
+    projector: connector type ("2x2" = `mlp_downsample_2x2_fix`, the only one wired here).
+    frames_per_group: frames averaged per temporal-pooling group (8 in NVILA).
+    media_token_id: placeholder token id replaced by media embeddings in the prompt.
+    separator_token_id: token whose LLM embedding follows each video group ("\\n").
+    select_layer: SigLIP hidden_states index used as features (-2 in NVILA).
+    freeze_vision: stop gradients at the tower output (tower frozen during training).
+    """
+
+    vision: SiglipConfig = dataclasses.field(default_factory=lambda: siglip_config("tiny"))
+    llm: LLMConfig = dataclasses.field(default_factory=lambda: LLMConfig.preset("tiny"))
+    projector: str = "2x2"
+    frames_per_group: int = 8
+    media_token_id: int = 511
+    separator_token_id: int = 10
+    select_layer: int = -2
+    freeze_vision: bool = False
+
+    def __post_init__(self) -> None:
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; supported: {PROJECTORS}")
+        if self.frames_per_group < 1:
+            raise ValueError(f"frames_per_group must be >= 1, got {self.frames_per_group}")
+        for name in ("media_token_id", "separator_token_id"):
+            tok = getattr(self, name)
+            if not 0 <= tok < self.llm.vocab_size:
+                raise ValueError(f"{name}={tok} outside vocab [0, {self.llm.vocab_size})")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Projected tokens per image/frame: ceil(grid / 2) ** 2 (256 for 448 px / patch 14)."""
+        return math.ceil(self.vision.grid_size / 2) ** 2
+
+    def video_length(self, num_frames: int) -> int:
+        """Rows of `encode_video` output: G * (tokens_per_frame + 1)."""
+        groups = -(-num_frames // self.frames_per_group)
+        return groups * (self.tokens_per_frame + 1)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> VLMConfig:
+        """Preset by name ("tiny", "nvila-8b"); keyword overrides replace fields."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown VLM preset {name!r}; choose from {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+def _tiny() -> VLMConfig:
+    # 56 px / patch 14 -> 4x4 = 16 SigLIP tokens -> 4 projected tokens per frame.
+    vision = SiglipConfig(
+        hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64, image_size=56, patch_size=14
+    )
+    return VLMConfig(
+        vision=vision,
+        llm=LLMConfig.preset("tiny"),
+        frames_per_group=4,
+        media_token_id=511,
+        separator_token_id=10,
+    )
+
+
+def _nvila_8b() -> VLMConfig:
+    # Shapes only: so400m-patch14-448 (1024 tokens -> 256 after 2x2) + Qwen2.5-7B. 198 is "\n"
+    # in the Qwen2 tokenizer; the media id is the tokenizer's appended placeholder token and
+    # depends on the checkpoint's tokenizer (unverified here: set it from the tokenizer).
+    return VLMConfig(
+        vision=siglip_config("so400m-patch14-448"),
+        llm=LLMConfig.preset("qwen2.5-7b"),
+        frames_per_group=8,
+        media_token_id=151649,
+        separator_token_id=198,
+    )
+
+
+PRESETS = {"tiny": _tiny, "nvila-8b": _nvila_8b}
+
+
+class NVILA(nnx.Module):
+    """SigLIP tower + 2x2 projector + decoder LLM.
+
+    dtype: compute dtype of all three parts; param_dtype: parameter storage dtype.
+    """
+
+    def __init__(
+        self,
+        cfg: VLMConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.vision_tower = SiglipVisionTower(
+            cfg.vision,
+            select_layer=cfg.select_layer,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.projector = Projector2x2(
+            cfg.vision.hidden_size,
+            cfg.llm.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.llm = LLM(cfg.llm, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+
+    def encode_images(self, pixels_nhwc: Array) -> Array:
+        """pixels [N, H, W, 3] (NHWC) -> projected tokens [N, tokens_per_frame, D].
+
+        With `cfg.freeze_vision` the tower output is wrapped in `stop_gradient`.
+        """
+        feats = self.vision_tower(pixels_nhwc)
+        if self.cfg.freeze_vision:
+            feats = jax.lax.stop_gradient(feats)
+        return self.projector(tokens_to_map(feats))
+
+    def separator_embedding(self) -> Array:
+        """LLM embedding of `separator_token_id`, [1, D]."""
+        ids = jnp.asarray([[self.cfg.separator_token_id]], jnp.int32)
+        return self.llm.embed(ids)[0]
+
+    def pool_video(self, frame_tokens_tnd: Array) -> Array:
+        """Per-frame tokens [T, n, D] -> [G * (n + 1), D]: temporal pooling + separators."""
+        pooled = temporal_pool(frame_tokens_tnd, self.cfg.frames_per_group)
+        return interleave_separators(pooled, self.separator_embedding())
+
+    def encode_video(self, frames_thwc: Array) -> Array:
+        """frames [T, H, W, 3] -> video embeddings [G * (tokens_per_frame + 1), D].
+
+        G = ceil(T / frames_per_group); a final partial group averages the frames it has.
+        """
+        return self.pool_video(self.encode_images(frames_thwc))
+
+    def embed_prompt(self, input_ids_bt: Array, media_embeds_md: Array) -> Array:
+        """input_ids int [B, L], media [M, D] (one row per placeholder) -> embeddings [B, L, D]."""
+        text = self.llm.embed(input_ids_bt)
+        return merge_multimodal(text, input_ids_bt, media_embeds_md, self.cfg.media_token_id)
+
+    def __call__(self, input_ids_bt: Array, media_embeds_md: Array, **kwargs: Any) -> Array:
+        """Logits [B, L, V]; extra keyword arguments go to `LLM.hidden_states`."""
+        embeds = self.embed_prompt(input_ids_bt, media_embeds_md)
+        return self.llm(inputs_embeds=embeds, **kwargs)
+
+
+def init_nvila(cfg: VLMConfig, *, seed: int = 0, dtype: Any = jnp.float32) -> NVILA:
+    """Randomly initialised NVILA (tests, benchmarks)."""
+    return NVILA(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+
+def trainable_filter(cfg: VLMConfig) -> nnx.filterlib.Filter:
+    """Params to differentiate: all, or all but the vision tower when `cfg.freeze_vision`.
+
+    Use with `nnx.grad(loss, argnums=nnx.DiffState(0, trainable_filter(cfg)))` so the frozen
+    tower gets no gradient entries at all (`stop_gradient` alone gives zeros).
+    """
+    if cfg.freeze_vision:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
+    return nnx.Param
+
+
+DEFAULT_FRAME_AXES = ("data", "fsdp", "sequence")
+
+
+def encode_video(
+    model: NVILA,
+    frames_thwc: Array,
+    *,
+    mesh: Mesh | None = None,
+    axes: Sequence[str] | None = None,
+) -> Array:
+    """Video embeddings [G * (tokens_per_frame + 1), D], frames sharded over `mesh`.
+
+    frames [T, H, W, 3]. Without a mesh this is `model.encode_video(frames)`. With a mesh, the
+    frames are split along T over the mesh axes `axes` (default: "data", "fsdp", "sequence"
+    flattened; the remaining axes, e.g. "tensor", hold replicas). T is zero-padded up to a
+    multiple of the device count n = prod(mesh.shape[a] for a in axes); each device runs the
+    vision tower + projector on its own T_pad / n frames inside `shard_map` (pixels are never
+    gathered; parameters are passed replicated), the outputs of padded frames are dropped, and
+    only the projected per-frame tokens [T, n_tok, D] are combined for temporal pooling and the
+    separators. Equals the single-device result up to float rounding. Works eagerly and under
+    `nnx.jit`.
+    """
+    if mesh is None:
+        return model.encode_video(frames_thwc)
+    axes = tuple(DEFAULT_FRAME_AXES if axes is None else axes)
+    unknown = [a for a in axes if a not in mesh.shape]
+    if unknown:
+        raise ValueError(f"axes {unknown} not in mesh axes {tuple(mesh.axis_names)}")
+    n_dev = math.prod(mesh.shape[a] for a in axes)
+    t = frames_thwc.shape[0]
+    pad = (-t) % n_dev
+    if pad:
+        frames_thwc = jnp.pad(frames_thwc, ((0, pad),) + ((0, 0),) * (frames_thwc.ndim - 1))
+
+    # Only the tower + projector travel into shard_map, replicated.
+    graphdef, state = nnx.split((model.vision_tower, model.projector))
+    freeze = model.cfg.freeze_vision
+
+    def local(state_local: nnx.State, frames_local: Array) -> Array:
+        tower, projector = nnx.merge(graphdef, state_local)
+        with use_mesh(None):  # per-device code: no global sharding constraints
+            feats = tower(frames_local)
+            if freeze:
+                feats = jax.lax.stop_gradient(feats)
+            return projector(tokens_to_map(feats))
+
+    frame_spec = P(axes)
+    fn = _shard_map(local, mesh, in_specs=(P(), frame_spec), out_specs=frame_spec)
+    tokens = fn(state, frames_thwc)[:t]  # [T, n_tok, D]
+    return model.pool_video(tokens)
+
+
+__all__ = [
+    "NVILA",
+    "PRESETS",
+    "VLMConfig",
+    "encode_video",
+    "init_nvila",
+    "trainable_filter",
+]
