@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxstack.nn.layers import Dense
+from jaxstack.nn.layers import Dense, LayerNorm
 
 Array = jax.Array
 
@@ -53,27 +53,6 @@ def tokens_to_map(tokens_bnc: Array) -> Array:
     if side * side != n:
         raise ValueError(f"token count {n} is not a square number")
     return tokens_bnc.reshape(b, side, side, c)
-
-
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm over the last axis (float32 math); `scale`/`bias` = HF weight/bias."""
-
-    def __init__(
-        self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
-    ):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
-
-    def __call__(self, x: Array) -> Array:
-        """x [..., features] -> [..., features] in `dtype`."""
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
 
 
 def _gelu(x: Array) -> Array:

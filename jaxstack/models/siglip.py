@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxstack.nn.attention import dot_product_attention
-from jaxstack.nn.layers import Dense
+from jaxstack.nn.layers import Dense, LayerNorm
 from jaxstack.parallel.mesh import constrain
 
 Array = jax.Array
@@ -88,25 +88,6 @@ def siglip_config(name: str) -> SiglipConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown SigLIP preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last dim, computed in float32: (x - mean) / std * scale + bias."""
-
-    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
-
-    def __call__(self, x: Array) -> Array:
-        """x [..., D] -> [..., D] in `dtype`."""
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
 
 
 class PatchEmbed(nnx.Module):

@@ -84,6 +84,28 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis in float32: (x - mean) / std * scale + bias
+    (`scale`/`bias` = the HF weight/bias)."""
+
+    def __init__(
+        self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        """x [..., D] -> [..., D] in `dtype`."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> Array:
     """Inverse frequencies [head_dim // 2] (float32), with optional Llama-3 scaling.
 
