@@ -230,7 +230,9 @@ def encode_video(
     gathered; parameters are passed replicated), the outputs of padded frames are dropped, and
     only the projected per-frame tokens [T, n_tok, D] are combined for temporal pooling and the
     separators. Equals the single-device result up to float rounding. Works eagerly and under
-    `nnx.jit`.
+    `nnx.jit`; one model object used through `nnx.jit` with two different meshes fails
+    (nnx.jit writes the parameters back placed for the first mesh): use one mesh per model, or
+    call it functionally (`nnx.split` + `jax.jit`).
     """
     if mesh is None:
         return model.encode_video(frames_thwc)
