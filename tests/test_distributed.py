@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
+from localhost_workers import start_workers, wait_workers
 
 from jaxstack.parallel import distributed
 
@@ -184,33 +181,9 @@ WORKER = textwrap.dedent(
 
 
 def test_two_processes_localhost():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
-    env.update(
-        JAX_PLATFORMS="cpu", JAXSTACK_COORDINATOR=f"localhost:{port}", JAXSTACK_NUM_PROCESSES="2"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER],
-            env={**env, "JAXSTACK_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
-            outs.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = start_workers(["-c", WORKER], drop_env=tuple(CLUSTER_VARS))
+    logs = wait_workers(procs, timeout=120)
+    outs = [json.loads(log.split("RESULT ", 1)[1].splitlines()[0]) for log in logs]
     for i, r in enumerate(outs):
         assert r["info"]["process_index"] == i and r["info"]["process_count"] == 2
         assert r["info"]["local_device_count"] == 1 and r["info"]["device_count"] == 2

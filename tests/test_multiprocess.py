@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import optax
+from localhost_workers import start_workers, wait_workers
 
 TOL = 1e-5
 VOCAB = 263  # the byte tokenizer's vocabulary
@@ -104,46 +103,15 @@ def _worker(out_dir: str) -> None:
             json.dump(info, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_data_parallel_step_matches_single_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 CPU device each
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAXSTACK_COORDINATOR=f"127.0.0.1:{_free_port()}",
-        JAXSTACK_NUM_PROCESSES="2",
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(tmp_path)],
-            env={**env, "JAXSTACK_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start_workers([os.path.abspath(__file__), str(tmp_path)])  # 1 CPU device each
     # The single-device reference runs here meanwhile (same code, mesh of one device).
     from jaxstack.parallel.mesh import make_mesh
     from jaxstack.train import Checkpointer, abstract_state
 
     ref_loss, before, ref_state, _ = _one_step(make_mesh("data=1", jax.devices()[:1]))
     ref = _flat(jax.device_get(ref_state.params))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+    wait_workers(procs, timeout=180)
 
     result = json.load(open(tmp_path / "result.json"))
     assert abs(result["loss"] - ref_loss) / abs(ref_loss) <= TOL

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from localhost_workers import start_workers, wait_workers
 
 from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import make_mesh, shard_model, use_mesh
@@ -455,44 +454,15 @@ def _worker(out_path: str) -> None:
         np.savez(out_path, out=host[0], dq=host[1], dk=host[2], dv=host[3])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_2d_attention_matches_single_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-        JAXSTACK_COORDINATOR=f"127.0.0.1:{_free_port()}",
-        JAXSTACK_NUM_PROCESSES="2",
-    )
     out_path = str(tmp_path / "result.npz")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), out_path],
-            env={**env, "JAXSTACK_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start_workers(
+        [os.path.abspath(__file__), out_path],
+        extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
     q, k, v, w, seg = (jnp.asarray(x) for x in _two_process_inputs())
     want = _value_and_grads(lambda q, k, v: _oracle(q, k, v, causal=True, seg=seg), q, k, v, w)
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+    wait_workers(procs, timeout=180)
     got = np.load(out_path)
     _assert_close((got["out"], (got["dq"], got["dk"], got["dv"])), want, "2 processes, 2D")
 
