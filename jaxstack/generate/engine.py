@@ -12,6 +12,10 @@ How a call runs (B prompts, padded prompt length T, N = max_new_tokens):
    then each sampled token back, one cache slot per step, and exits as soon as every row has
    produced a stop token (or after N tokens). Finished rows emit `pad_id` and log-prob 0.
 
+With `num_samples` G > 1 (RL rollouts, `jaxstack.generate.rollout`) the prefill program
+repeats its carry's rows G times after prefilling the B prompts once, so the decode loop runs
+B * G rows (b * G + g) sharing each prompt's prefill.
+
 Compiled programs are cached on (program, model graph, parameter shapes/dtypes/shardings,
 input shapes, static settings, mesh). The static settings are N and the cache dtype, plus, for
 the decode program only, pad_id, whether greedy and top-p are on, and top_k (static because
@@ -105,6 +109,7 @@ class _Static:
     top_p_on: bool
     pad_id: int
     cache_dtype: Any
+    num_samples: int = 1  # prefill only: rows repeated after the prefill (see `_prefill`)
 
 
 @jax.tree_util.register_dataclass
@@ -161,7 +166,10 @@ def _prefill(
     """Prompt (ids int [B, T] or embeds [B, T, D]) -> the decode loop's initial carry.
 
     Columns [0, T - 1) go into the KV cache (their logits are unused, so XLA never computes
-    them); the last column is kept as an embedding for the loop's first step.
+    them); the last column is kept as an embedding for the loop's first step. With
+    `st.num_samples` G > 1 the prompts are prefilled once and the carry's rows (cache, first
+    embedding, done, prompt lengths) are then repeated G times, row b * G + g being sample g of
+    prompt b, so the decode loop runs B * G rows that share each prompt's prefill.
     """
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
@@ -178,17 +186,31 @@ def _prefill(
             positions=positions[:, :-1],
             input_mask=input_mask[:, :-1],
         )
+    first = embeds[:, -1]
+    done = ~input_mask[:, -1]  # rows that are all padding generate nothing
+    prompt_lengths = jnp.sum(input_mask, axis=1, dtype=jnp.int32)
+    g = st.num_samples
+    if g > 1:  # share the prefill: repeat each prompt's row G times (b * G + g)
+        rows = functools.partial(jnp.repeat, repeats=g, axis=0, total_repeat_length=b * g)
+        cache = KVCache(
+            k=tuple(rows(x) for x in cache.k),
+            v=tuple(rows(x) for x in cache.v),
+            kv_mask=rows(cache.kv_mask),
+            index=cache.index,
+        )
+        first, done, prompt_lengths = rows(first), rows(done), rows(prompt_lengths)
+        b *= g
     n = st.max_new_tokens
     return _Carry(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
-        first=embeds[:, -1],
+        first=first,
         last=jnp.zeros((b,), jnp.int32),  # unused at step 0
-        done=~input_mask[:, -1],  # rows that are all padding generate nothing
+        done=done,
         tokens=jnp.zeros((b, n), jnp.int32),  # set to pad_id by the decode program
         logprobs=jnp.zeros((b, n), jnp.float32),
         lengths=jnp.zeros((b,), jnp.int32),
-        prompt_lengths=jnp.sum(input_mask, axis=1, dtype=jnp.int32),
+        prompt_lengths=prompt_lengths,
         rng=rng,
     )
 
@@ -326,6 +348,7 @@ def _static_settings(
     top_k: int,
     pad_id: int,
     cache_dtype: Any,
+    num_samples: int = 1,
 ) -> _Static:
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -335,6 +358,8 @@ def _static_settings(
         raise ValueError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if cache_dtype is None:
         cache_dtype = getattr(model, "dtype", jnp.float32)
     return _Static(
@@ -344,6 +369,7 @@ def _static_settings(
         top_p_on=top_p < 1.0,
         pad_id=int(pad_id),
         cache_dtype=jnp.dtype(cache_dtype),
+        num_samples=int(num_samples),
     )
 
 
@@ -391,7 +417,9 @@ def _run(
     prefill_s = time.perf_counter() - start
 
     decode_args = (state, carry, sampling)
-    decode, seconds = _compiled("decode", _decode, st, graphdef, decode_args, (1,))
+    # The decode program only sees the B * G rows: key it without num_samples.
+    decode_st = dataclasses.replace(st, num_samples=1)
+    decode, seconds = _compiled("decode", _decode, decode_st, graphdef, decode_args, (1,))
     compile_s += seconds
     start = time.perf_counter()
     final = decode(*decode_args)
@@ -419,6 +447,7 @@ def generate_tokens(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     cache_dtype: Any = None,
+    num_samples: int = 1,
 ) -> GeneratedTokens:
     """Generate up to `max_new_tokens` tokens for a left-padded batch; arrays in, arrays out.
 
@@ -433,10 +462,16 @@ def generate_tokens(
       switching greedy or top-p on or off does.
     stop_tokens: a row finishes after emitting any of these; the loop ends when all rows have.
     cache_dtype: KV-cache dtype, default the model's compute dtype.
+    num_samples: G samples per prompt. Each prompt is prefilled once and its KV cache shared
+      by G decode rows; outputs then have B * G rows, row b * G + g being sample g of prompt b
+      (see `jaxstack.generate.rollout` for the RL-facing API). One PRNG key per step draws
+      for all rows, so this samples exactly like G = 1 on the prompts repeated G times.
     Returns `GeneratedTokens` (tokens int32 [B, N], logprobs float32 [B, N], lengths int32
-    [B], num_steps int32 []) without waiting for the device.
+    [B], num_steps int32 []; B * G rows with num_samples) without waiting for the device.
     """
-    st = _static_settings(model, max_new_tokens, temperature, top_p, top_k, pad_id, cache_dtype)
+    st = _static_settings(
+        model, max_new_tokens, temperature, top_p, top_k, pad_id, cache_dtype, num_samples
+    )
     out, _ = _run(
         model,
         input_ids,

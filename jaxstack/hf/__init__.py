@@ -7,6 +7,7 @@ jaxstack.hf.save_model(model, "runs/x/hf", dtype=jnp.bfloat16)
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm import KEY_TABLE, load_model, save_model
 from jaxstack.hf.llm_config import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
+from jaxstack.hf.nvila import load_nvila, save_nvila
 
 __all__ = [
     "KEY_TABLE",
@@ -15,5 +16,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "load_model",
+    "load_nvila",
     "save_model",
+    "save_nvila",
 ]

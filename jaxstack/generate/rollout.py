@@ -1,0 +1,254 @@
+"""Batched rollouts for RL (GRPO groups): G samples per prompt from one shared prefill, and the
+training-side forward that recomputes their log-probs.
+
+`rollout` (inference side, jitted and compile-cached by `jaxstack.generate.engine`):
+
+1. B prompts, left padded to T columns (ids [B, T] or embeddings [B, T, D], e.g. a VLM prompt
+   with cached video embeddings spliced in), are prefilled ONCE into a KV cache of T + N slots
+   (N = max_new_tokens): columns [0, T - 1) go through `model.decode_step`.
+2. The prefill's cache (k, v, kv_mask), the last prompt column and the prompt lengths are
+   repeated G times along the batch: row b * G + g is sample g of prompt b.
+3. One jitted `lax.while_loop` samples all B * G rows (temperature / top-k / top-p, stop
+   tokens), one PRNG key per step shared by the whole [B * G] batch; so `rollout` with G
+   samples draws exactly what `engine.generate_tokens` draws on the prompts repeated G times
+   with the same key. Per-token log-probs are those of the sampled tokens under the
+   temperature-scaled, unfiltered distribution (temperature 0 counts as 1), as in engine.py.
+
+Prompt lengths are bucketed to a multiple of `RolloutConfig.length_bucket` (the same rule as
+`engine.pad_prompts`): `pad_ids` / `pad_embeds` pad to it, and `rollout` adds left padding
+columns when given a T that is not a multiple, so the number of compiled programs is bounded by
+(max prompt length / bucket) per batch size. Same shapes never recompile
+(`engine.TRACE_COUNTS`); the temperature / top_p values, stop tokens, prompts and key are
+runtime inputs.
+
+`sequence_logprobs` (training side): a pure function of the model (no jit inside; call it
+under `nnx.jit` / `nnx.value_and_grad`) that runs one full forward over [prompt ; response]
+and returns the same per-token log-probs, differentiable w.r.t. the model parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstack.generate import engine
+from jaxstack.generate.sampling import _safe_temperature
+from jaxstack.models.llm import positions_from
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling settings of a rollout.
+
+    num_samples: G, samples per prompt (a GRPO group).
+    max_new_tokens: N, the response length budget.
+    temperature / top_p / top_k: as in `jaxstack.generate.sampling` (0 = greedy; top_k 0 and
+      top_p 1.0 = off). Changing the temperature or top_p value does not recompile.
+    stop_token_ids: a row finishes after emitting any of these (the stop token is kept and
+      counted in the mask / lengths); the loop ends once every row has.
+    pad_id: the token written after a row's stop token.
+    length_bucket: prompt lengths are left padded up to a multiple of this (bounds recompiles).
+    cache_dtype: KV-cache dtype, default the model's compute dtype.
+    """
+
+    num_samples: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    length_bucket: int = 64
+    cache_dtype: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RolloutResult:
+    """B * G sampled responses; row b * G + g is sample g of prompt b.
+
+    tokens: int32 [B*G, N], pad_id after the stop token (and for empty prompt rows).
+    logprobs: float32 [B*G, N], log-probs of the sampled tokens (0 on padding).
+    mask: bool [B*G, N], True on generated tokens including the stop token.
+    lengths: int32 [B*G], generated tokens per row (= mask.sum(-1)).
+    prompt_index: int32 [B*G], b. sample_index: int32 [B*G], g.
+    num_steps: int32 [], decode steps run (max of lengths).
+    """
+
+    tokens: Array
+    logprobs: Array
+    mask: Array
+    lengths: Array
+    prompt_index: Array
+    sample_index: Array
+    num_steps: Array
+
+
+def bucketed_length(length: int, bucket: int) -> int:
+    """`length` rounded up to a multiple of `bucket` (at least one bucket)."""
+    bucket = max(int(bucket), 1)
+    return max(-(-int(length) // bucket), 1) * bucket
+
+
+def pad_ids(
+    prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to a multiple of `bucket`: (ids int32 [B, T], mask bool [B, T])."""
+    return engine.pad_prompts(prompts, pad_id=pad_id, bucket=bucket)
+
+
+def pad_embeds(embeds: Sequence[Array], bucket: int = 64) -> tuple[Array, Array]:
+    """Left-pad embedding sequences [L_i, D] to a multiple of `bucket`.
+
+    Returns (embeds [B, T, D] in the first sequence's dtype, zeros on padding; mask bool
+    [B, T], True on real positions).
+    """
+    if not embeds:
+        raise ValueError("embeds is empty: pass at least one [L, D] sequence")
+    lengths = [int(e.shape[0]) for e in embeds]
+    if min(lengths) == 0:
+        raise ValueError(f"sequence {lengths.index(0)} is empty: every prompt needs a position")
+    dims = {int(e.shape[1]) for e in embeds}
+    if len(dims) != 1 or any(e.ndim != 2 for e in embeds):
+        raise ValueError(f"expected [L_i, D] arrays with one D, got {[e.shape for e in embeds]}")
+    t = bucketed_length(max(lengths), bucket)
+    dtype = embeds[0].dtype
+    out = jnp.stack([jnp.pad(jnp.asarray(e, dtype), ((t - e.shape[0], 0), (0, 0))) for e in embeds])
+    mask = jnp.asarray(np.arange(t)[None, :] >= t - np.asarray(lengths)[:, None])
+    return out, mask
+
+
+def _left_pad_to(x: Array, t: int, value: Any = 0) -> Array:
+    extra = t - x.shape[1]
+    if extra == 0:
+        return x
+    widths = [(0, 0), (extra, 0)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def rollout(
+    model: nnx.Module,
+    *,
+    input_ids: Array | None = None,
+    inputs_embeds: Array | None = None,
+    input_mask: Array,
+    cfg: RolloutConfig,
+    rng: Array | int,
+) -> RolloutResult:
+    """Sample `cfg.num_samples` responses per prompt, sharing each prompt's prefill.
+
+    model: an `LLM` (anything with `cfg`, `embed`, `decode_step`).
+    input_ids: int [B, T] left padded, or inputs_embeds [B, T, D] left padded (exactly one).
+    input_mask: bool [B, T], True on real positions; rows whose last column is padding are
+      batch filler and generate only pad_id. T is left padded up to a multiple of
+      `cfg.length_bucket` if it is not one already.
+    rng: PRNG key or int seed (unused when temperature == 0).
+    Returns a `RolloutResult` with B * G rows (b * G + g), without waiting for the device.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
+    g = int(cfg.num_samples)
+    st = engine._static_settings(
+        model,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+        cfg.pad_id,
+        cfg.cache_dtype,
+        g,
+    )
+    input_mask = jnp.asarray(input_mask, bool)
+    if input_mask.ndim != 2:
+        raise ValueError(f"input_mask must be [B, T], got shape {input_mask.shape}")
+    t = bucketed_length(input_mask.shape[1], cfg.length_bucket)
+    input_mask = _left_pad_to(input_mask, t, False)
+    if input_ids is not None:
+        input_ids = _left_pad_to(jnp.asarray(input_ids, jnp.int32), t, 0)
+    else:
+        inputs_embeds = _left_pad_to(jnp.asarray(inputs_embeds), t, 0)
+    out, _ = engine._run(
+        model,
+        input_ids,
+        input_mask,
+        inputs_embeds,
+        rng,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.stop_token_ids,
+        st,
+        timed=False,
+    )
+    b = input_mask.shape[0]
+    n = out.tokens.shape[1]
+    return RolloutResult(
+        tokens=out.tokens,
+        logprobs=out.logprobs,
+        mask=jnp.arange(n, dtype=jnp.int32)[None, :] < out.lengths[:, None],
+        lengths=out.lengths,
+        prompt_index=jnp.repeat(jnp.arange(b, dtype=jnp.int32), g),
+        sample_index=jnp.tile(jnp.arange(g, dtype=jnp.int32), b),
+        num_steps=out.num_steps,
+    )
+
+
+def sequence_logprobs(
+    model: nnx.Module,
+    *,
+    prompt_ids: Array | None = None,
+    prompt_embeds: Array | None = None,
+    prompt_mask: Array,
+    response_tokens: Array,
+    response_mask: Array,
+    prompt_index: Array,
+    temperature: float | Array = 1.0,
+) -> Array:
+    """Per-token log-probs float32 [R, N] of responses under the model (one full forward).
+
+    prompt_ids int [B, T] or prompt_embeds [B, T, D]: left-padded prompts (exactly one);
+      prompt_mask bool [B, T].
+    response_tokens int [R, N], right padded (any pad id); response_mask bool [R, N], True on
+      the tokens to score (a prefix of each row); prompt_index int [R]: each response's prompt
+      row (`RolloutResult.prompt_index`).
+    temperature: log-probs under softmax(logits / temperature), 0 counting as 1 (the rollout
+      convention).
+
+    Runs [prompt ; response[:, :-1]] (T + N - 1 columns) through `model.hidden_states` with
+    the padding mask, RoPE positions counted over real tokens only (left padding does not
+    shift them; response token j sits at position prompt_length + j), and computes logits
+    only for the N response-predicting positions, never [R, T + N, V]. Returns 0 where
+    response_mask is False. Pure and differentiable w.r.t. the model's parameters: call it
+    inside `nnx.jit` / `nnx.value_and_grad`.
+    """
+    if (prompt_ids is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt_ids [B, T] and prompt_embeds [B, T, D]")
+    prompt_index = jnp.asarray(prompt_index, jnp.int32)
+    if prompt_ids is not None:
+        prompt = model.embed(jnp.take(jnp.asarray(prompt_ids, jnp.int32), prompt_index, axis=0))
+    else:
+        prompt = jnp.take(prompt_embeds, prompt_index, axis=0).astype(model.dtype)
+    p_mask = jnp.take(jnp.asarray(prompt_mask, bool), prompt_index, axis=0)
+    tokens = jnp.asarray(response_tokens, jnp.int32)
+    r_mask = jnp.asarray(response_mask, bool)
+    t, n = p_mask.shape[1], tokens.shape[1]
+    # Pad ids (e.g. -1) may lie outside the vocabulary: embed a valid id there; it is masked.
+    safe = jnp.where(r_mask, jnp.clip(tokens, 0, model.cfg.vocab_size - 1), 0)
+    # The last response token predicts nothing we score: feed T + N - 1 columns.
+    embeds = jnp.concatenate([prompt, model.embed(safe[:, :-1]).astype(prompt.dtype)], axis=1)
+    mask = jnp.concatenate([p_mask, r_mask[:, :-1]], axis=1)
+    positions = positions_from(mask.shape[0], mask.shape[1], None, mask)
+    hidden = model.hidden_states(inputs_embeds=embeds, positions=positions, input_mask=mask)
+    # Column T - 1 + j (the last prompt token, then response token j - 1) predicts token j.
+    logits = model.logits(hidden[:, t - 1 : t - 1 + n])  # [R, N, V]
+    scaled = logits.astype(jnp.float32) / _safe_temperature(temperature)
+    picked = jnp.take_along_axis(scaled, safe[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(scaled, axis=-1)
+    return jnp.where(r_mask, logp, 0.0)
