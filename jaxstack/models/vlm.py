@@ -121,7 +121,27 @@ def _nvila_8b() -> VLMConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "nvila-8b": _nvila_8b}
+def _tiny_video() -> VLMConfig:
+    # The embedded demo model (synthetic video QA, byte tokenizer): 56 px frames -> 4 tokens per
+    # frame, groups of 4 frames, a 4-layer 128-wide LLM over the byte vocabulary (<= 512 ids).
+    vision = SiglipConfig(
+        hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, image_size=56, patch_size=14
+    )
+    llm = dataclasses.replace(
+        LLMConfig.preset("tiny"),
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    )
+    return VLMConfig(
+        vision=vision, llm=llm, frames_per_group=4, media_token_id=511, separator_token_id=10
+    )
+
+
+PRESETS = {"tiny": _tiny, "tiny-video": _tiny_video, "nvila-8b": _nvila_8b}
 
 
 class NVILA(nnx.Module):
@@ -183,6 +203,18 @@ class NVILA(nnx.Module):
         """
         return self.pool_video(self.encode_images(frames_thwc))
 
+    def encode_videos(self, frames_bfhwc: Array) -> Array:
+        """A batch of equal-length clips [B, F, H, W, 3] -> video embeddings [B, V, D].
+
+        V = G * (tokens_per_frame + 1); all B * F frames go through the tower in one batch.
+        """
+        b, f = frames_bfhwc.shape[:2]
+        tokens = self.encode_images(frames_bfhwc.reshape(b * f, *frames_bfhwc.shape[2:]))
+        tokens = tokens.reshape(b, f, *tokens.shape[1:])
+        pooled = jax.vmap(lambda x: temporal_pool(x, self.cfg.frames_per_group))(tokens)
+        sep = self.separator_embedding()
+        return jax.vmap(interleave_separators, in_axes=(0, None))(pooled, sep)
+
     def embed_prompt(self, input_ids_bt: Array, media_embeds_md: Array) -> Array:
         """input_ids int [B, L], media [M, D] (one row per placeholder) -> embeddings [B, L, D]."""
         text = self.llm.embed(input_ids_bt)
@@ -236,6 +268,32 @@ def encode_video(
     """
     if mesh is None:
         return model.encode_video(frames_thwc)
+    tokens = frame_tokens(
+        model.vision_tower,
+        model.projector,
+        frames_thwc,
+        mesh=mesh,
+        axes=axes,
+        freeze=model.cfg.freeze_vision,
+    )
+    return model.pool_video(tokens)
+
+
+def frame_tokens(
+    tower: SiglipVisionTower,
+    projector: Projector2x2,
+    frames_thwc: Array,
+    *,
+    mesh: Mesh | None = None,
+    axes: Sequence[str] | None = None,
+    freeze: bool = False,
+) -> Array:
+    """Projected per-frame tokens [T, tokens_per_frame, D], frames sharded over `mesh` as in
+    `encode_video` (before temporal pooling and separators)."""
+    if mesh is None:
+        feats = tower(frames_thwc)
+        feats = jax.lax.stop_gradient(feats) if freeze else feats
+        return projector(tokens_to_map(feats))
     axes = tuple(DEFAULT_FRAME_AXES if axes is None else axes)
     unknown = [a for a in axes if a not in mesh.shape]
     if unknown:
@@ -247,21 +305,19 @@ def encode_video(
         frames_thwc = jnp.pad(frames_thwc, ((0, pad),) + ((0, 0),) * (frames_thwc.ndim - 1))
 
     # Only the tower + projector travel into shard_map, replicated.
-    graphdef, state = nnx.split((model.vision_tower, model.projector))
-    freeze = model.cfg.freeze_vision
+    graphdef, state = nnx.split((tower, projector))
 
     def local(state_local: nnx.State, frames_local: Array) -> Array:
-        tower, projector = nnx.merge(graphdef, state_local)
+        tower_l, projector_l = nnx.merge(graphdef, state_local)
         with use_mesh(None):  # per-device code: no global sharding constraints
-            feats = tower(frames_local)
+            feats = tower_l(frames_local)
             if freeze:
                 feats = jax.lax.stop_gradient(feats)
-            return projector(tokens_to_map(feats))
+            return projector_l(tokens_to_map(feats))
 
     frame_spec = P(axes)
     fn = _shard_map(local, mesh, in_specs=(P(), frame_spec), out_specs=frame_spec)
-    tokens = fn(state, frames_thwc)[:t]  # [T, n_tok, D]
-    return model.pool_video(tokens)
+    return fn(state, frames_thwc)[:t]
 
 
 __all__ = [
@@ -269,6 +325,7 @@ __all__ = [
     "PRESETS",
     "VLMConfig",
     "encode_video",
+    "frame_tokens",
     "init_nvila",
     "trainable_filter",
 ]

@@ -1,0 +1,544 @@
+"""`jaxstack rl`: long-video RL for the NVILA VLM (CoT-SFT stage, then GRPO / DAPO / Dr.GRPO).
+
+One RL step (P prompts, G samples each):
+1. The prompts of step i are stream positions [i*P, (i+1)*P) of a seeded grain shuffle of the
+   training records (a pure function of i: exact resume).
+2. MR-SP stage 1: video embeddings come from `VideoEmbeddingCache` by prompt id (encoded once,
+   reused by the rollout and every log-prob pass; the vision tower and projector are frozen).
+3. Rollout: each prompt is prefilled once and its KV cache shared by its G samples
+   (`jaxstack.generate.rollout`), rng = fold_in(seed, i).
+4. Rewards on the decoded responses (registry specs with weights, e.g. {"r1v": 1.0}), optional
+   DAPO overlong penalty, group-normalised advantages by explicit group id, optional DAPO
+   dynamic sampling (groups with equal rewards get no loss).
+5. `update_epochs` x `minibatches` policy-gradient updates of the LLM with the clipped
+   surrogate (`jaxstack.rl.losses.policy_loss`); log-probs are recomputed by a training forward
+   over [prompt ; response] that computes logits only for response positions. With a single
+   update the old log-probs are the stop-gradient of the new ones (ratio exactly 1).
+
+Artifacts in `output_dir` (default runs/<name>): sft/ (the SFT stage when `init_from` is empty),
+config.yaml, metrics.jsonl, rewards.png, checkpoints/<step>/ (exact resume), model/ (NVILA
+layout), eval_sft.json / eval_rl.json (held-out greedy accuracy before / after RL),
+summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxstack.config import config_to_dict, save_config
+from jaxstack.models.nvila_connector import merge_multimodal
+from jaxstack.parallel.mesh import make_mesh, use_mesh
+from jaxstack.rl.losses import (
+    PolicyLossConfig,
+    dynamic_sampling_keep,
+    group_advantages,
+    overlong_penalty,
+    policy_loss,
+)
+from jaxstack.train import metrics as metrics_lib
+from jaxstack.train import step as step_lib
+from jaxstack.train.checkpoint import Checkpointer, abstract_state
+from jaxstack.train.step import OptimConfig, TrainState
+from jaxstack.train.vlm_sft import VLMSFTConfig, decode_response, evaluate_video_qa, left_pad
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    """num_samples: G responses per prompt; temperature/top_p/top_k: sampling."""
+
+    num_samples: int = 8
+    max_new_tokens: int = 120
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclasses.dataclass
+class AlgoSection:
+    """Policy-gradient settings. advantage: "grpo" (group mean / std) or "drgrpo" (mean only).
+    clip_low/clip_high: PPO ratio clip (DAPO clip-higher: clip_high 0.28). loss_agg:
+    "token_mean" (DAPO), "seq_mean_token_mean" (GRPO) or "seq_mean_token_sum_norm" (Dr.GRPO).
+    kl_coef > 0 adds k3 KL to the frozen starting policy. dynamic_sampling: drop groups whose
+    rewards are all equal (DAPO). overlong_buffer > 0: DAPO soft overlong penalty over the last
+    that many tokens of max_new_tokens. update_epochs x minibatches updates per rollout batch."""
+
+    advantage: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = None
+    loss_agg: str = "token_mean"
+    kl_coef: float = 0.0
+    dynamic_sampling: bool = True
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    update_epochs: int = 1
+    minibatches: int = 1
+
+    def __post_init__(self):
+        if self.advantage not in ("grpo", "drgrpo"):
+            raise ValueError(f"algo.advantage must be 'grpo' or 'drgrpo', got {self.advantage!r}")
+        if self.update_epochs < 1 or self.minibatches < 1:
+            raise ValueError("algo.update_epochs and algo.minibatches must be >= 1")
+
+
+@dataclasses.dataclass
+class RLJobConfig:
+    """The RL job. init_from: an NVILA checkpoint directory (an SFT result) to start from; ""
+    runs the embedded `sft` stage first (its data section is also the RL data). reward:
+    {spec: weight} over the reward registry (names, `module:fn` or `file.py:fn`).
+    prompts_per_step: P prompts per RL step (P * G samples). cache_embeddings: MR-SP
+    embedding reuse (False re-encodes the video for every pass: the baseline)."""
+
+    name: str = "rl_tiny"
+    output_dir: str = ""
+    init_from: str = ""
+    sft: VLMSFTConfig = dataclasses.field(
+        default_factory=lambda: VLMSFTConfig(name="sft", steps=300, eval=0)
+    )
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    algo: AlgoSection = dataclasses.field(default_factory=AlgoSection)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(
+            lr=2e-4, warmup_steps=2, total_steps=0, weight_decay=0.0, min_lr_ratio=1.0
+        )
+    )
+    reward: dict[str, float] = dataclasses.field(default_factory=lambda: {"r1v": 1.0})
+    steps: int = 40
+    prompts_per_step: int = 16
+    cache_embeddings: bool = True
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    mesh: str = ""
+    seed: int = 0
+    eval: int = 160
+    eval_batch: int = 80
+
+    def __post_init__(self):
+        for key in ("steps", "prompts_per_step", "checkpoint_every", "log_every", "eval_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.prompts_per_step % self.algo.minibatches:
+            raise ValueError("prompts_per_step must be divisible by algo.minibatches")
+
+    def resolved(self) -> RLJobConfig:
+        out = self.output_dir or os.path.join("runs", self.name)
+        sft = dataclasses.replace(
+            self.sft, output_dir=self.sft.output_dir or os.path.join(out, "sft")
+        )
+        optim = dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps)
+        return dataclasses.replace(self, output_dir=out, sft=sft, optim=optim)
+
+
+# -- the policy update -------------------------------------------------------------------------
+
+
+def policy_cfg(algo: AlgoSection, max_new_tokens: int) -> PolicyLossConfig:
+    return PolicyLossConfig(
+        clip_low=algo.clip_low,
+        clip_high=algo.clip_high,
+        loss_agg=algo.loss_agg,
+        max_response_len=max_new_tokens,
+        kl_coef=algo.kl_coef,
+        dual_clip=algo.dual_clip,
+    )
+
+
+def response_logprobs(llm: nnx.Module, batch: dict, media_token_id: int, temperature: float):
+    """Per-token log-probs [P*G, N] of the responses under `llm` (training forward).
+
+    batch: prompt_ids int32 [P, T] left padded, prompt_mask bool [P, T], video float [P, V, D]
+    (cached embeddings, one clip per prompt), tokens / mask [P*G, N], prompt_index int32 [P*G].
+    The prompt's text embeddings come from `llm` (so they are trained), the video rows are
+    spliced in at the placeholders.
+    """
+    from jaxstack.generate.rollout import sequence_logprobs
+
+    video = batch["video"]
+    text = llm.embed(batch["prompt_ids"])
+    embeds = merge_multimodal(
+        text, batch["prompt_ids"], video.reshape(-1, video.shape[-1]), media_token_id
+    )
+    return sequence_logprobs(
+        llm,
+        prompt_embeds=embeds,
+        prompt_mask=batch["prompt_mask"],
+        response_tokens=batch["tokens"],
+        response_mask=batch["mask"],
+        prompt_index=batch["prompt_index"],
+        temperature=temperature,
+    )
+
+
+def make_update(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    optimizer: optax.GradientTransformation,
+    pcfg: PolicyLossConfig,
+    *,
+    media_token_id: int,
+    temperature: float,
+):
+    """`update(state, batch, ref_params) -> (state, metrics)`: one clipped policy-gradient step.
+
+    batch as in `response_logprobs` plus advantages float32 [P*G] and old_logp [P*G, N] (None:
+    use the stop-gradient of the new log-probs, i.e. a single on-policy update).
+    """
+
+    def loss_fn(params, batch, ref_params):
+        llm = nnx.merge(graphdef, params, rest)
+        logp = response_logprobs(llm, batch, media_token_id, temperature)
+        old = batch.get("old_logp")
+        old = jax.lax.stop_gradient(logp) if old is None else old
+        ref = None
+        if ref_params is not None:
+            ref_llm = nnx.merge(graphdef, ref_params, rest)
+            ref = jax.lax.stop_gradient(
+                response_logprobs(ref_llm, batch, media_token_id, temperature)
+            )
+        loss, metrics = policy_loss(
+            logp, old, batch["advantages"], batch["mask"], pcfg, ref_logp=ref
+        )
+        n = jnp.maximum(jnp.sum(batch["mask"]), 1)
+        metrics["neg_logp"] = -jnp.sum(jnp.where(batch["mask"], logp, 0.0)) / n
+        return loss, metrics
+
+    def update(state: TrainState, batch: dict, ref_params):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, ref_params
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(update, donate_argnums=0)
+
+
+# -- rewards -----------------------------------------------------------------------------------
+
+
+def score(
+    texts: Sequence[str], examples: Sequence[dict], reward_weights: dict[str, float]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(total rewards float32 [N], per-component scores {spec: [N]}) for decoded responses."""
+    from jaxstack.rl.rewards import combine_rewards
+
+    fn = combine_rewards(reward_weights)
+    totals, parts = [], {}
+    for text, ex in zip(texts, examples):
+        total, comp = fn(text, ex)
+        totals.append(total)
+        for k, v in comp.items():
+            parts.setdefault(k, []).append(v)
+    return np.asarray(totals, np.float32), {k: np.asarray(v, np.float32) for k, v in parts.items()}
+
+
+# -- job ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj: Any) -> None:
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def _sft_stage(cfg: RLJobConfig) -> str:
+    """Run (or reuse) the SFT stage; returns the NVILA checkpoint directory to start RL from."""
+    from jaxstack.train.vlm_sft import run_vlm_sft
+
+    if cfg.init_from:
+        if not os.path.isdir(cfg.init_from):
+            raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a directory")
+        return cfg.init_from
+    done = os.path.join(cfg.sft.output_dir, "summary.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            summary = json.load(f)
+        if summary.get("step") == cfg.sft.steps and os.path.isdir(summary.get("model_dir", "")):
+            return summary["model_dir"]
+    print(f"SFT stage: {cfg.sft.steps} steps -> {cfg.sft.output_dir}")
+    return run_vlm_sft(cfg.sft)["model_dir"]
+
+
+class PromptStream:
+    """The RL prompts of step i: a seeded grain shuffle of the records, P per step, skipping
+    (and counting) records whose video cannot be decoded."""
+
+    def __init__(self, records: list[dict], per_step: int, seed: int, cache):
+        import grain
+
+        self.records, self.per_step, self.cache = records, per_step, cache
+        self.stream = grain.MapDataset.range(len(records)).seed(seed).shuffle().repeat()
+        self.bad: set[int] = set()
+        self.skipped = 0
+
+    def step(self, i: int) -> tuple[list[dict], Array]:
+        """(records [P], video embeddings [P, V, D]) for RL step i."""
+        from jaxstack.data.video import VideoError
+
+        recs, embs, pos = [], [], i * self.per_step
+        limit = (i + 1) * self.per_step + 10 * len(self.records)
+        while len(recs) < self.per_step:
+            if pos >= limit:
+                raise ValueError("no decodable video found in the RL dataset")
+            idx = int(self.stream[pos])
+            pos += 1
+            if idx in self.bad:
+                continue
+            try:
+                embs.append(self.cache.get(self.records[idx]))
+            except VideoError as e:
+                self.bad.add(idx)
+                self.skipped += 1
+                print(f"warning: skipping record {self.records[idx]['id']!r}: {e}")
+                continue
+            recs.append(self.records[idx])
+        return recs, jnp.stack(embs)
+
+
+def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) the RL job; returns a summary (also summary.json) with sft_accuracy and
+    rl_accuracy (held-out greedy accuracy before / after RL). stop_after: stop right after that
+    step as if killed (tests resumption)."""
+    from jaxstack.data.tokenizer import load_tokenizer
+    from jaxstack.data.video_qa import FrameLoader, VideoSpec, prompt_ids, read_video_qa
+    from jaxstack.generate.rollout import RolloutConfig, rollout
+    from jaxstack.hf import load_nvila, save_nvila
+    from jaxstack.parallel.distributed import initialize
+    from jaxstack.rl.embedding_cache import VideoEmbeddingCache
+    from jaxstack.train.vlm_sft import ensure_dataset
+
+    initialize()
+    cfg = cfg.resolved()
+    out, main = cfg.output_dir, jax.process_index() == 0
+    os.makedirs(out, exist_ok=True)
+    data_cfg = cfg.sft.data
+    train_path, eval_path = ensure_dataset(data_cfg)
+    start_dir = _sft_stage(cfg)
+
+    mesh = make_mesh(cfg.mesh or None)
+    tok = load_tokenizer(data_cfg.tokenizer)
+    model = load_nvila(start_dir, mesh=mesh)
+    vcfg = model.cfg
+    vspec = VideoSpec(num_frames=data_cfg.num_frames, image_size=data_cfg.image_size)
+    loader = FrameLoader(vspec)
+    n_media = vcfg.video_length(vspec.num_frames)
+    records = read_video_qa(train_path)
+    held = (
+        read_video_qa(eval_path)[: cfg.eval] if cfg.eval > 0 and os.path.isfile(eval_path) else []
+    )
+    cache = VideoEmbeddingCache(
+        model, lambda r: loader(r["video_path"]), mesh=mesh, enabled=cfg.cache_embeddings
+    )
+    prompts = PromptStream(records, cfg.prompts_per_step, cfg.seed, cache)
+
+    def evaluate(tag: str) -> float | None:
+        path = os.path.join(out, f"eval_{tag}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)["accuracy"]
+        if not held:
+            return None
+        res = evaluate_video_qa(
+            model,
+            tok,
+            held,
+            vspec,
+            batch=cfg.eval_batch,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            loader=loader,
+        )
+        _write_json(path, res)
+        if main:
+            print(f"held-out accuracy ({tag}): {res['accuracy']:.3f}, per task {res['per_task']}")
+        return res["accuracy"]
+
+    sft_acc = evaluate("sft")
+
+    # The trained part: the LLM (vision tower and projector frozen, their output cached).
+    optimizer = step_lib.make_optimizer(cfg.optim)
+    state, shardings = step_lib.init_train_state(model.llm, optimizer, mesh)
+    graphdef, _, rest = nnx.split(model.llm, nnx.Param, ...)
+    ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
+    pcfg = policy_cfg(cfg.algo, cfg.rollout.max_new_tokens)
+    update = make_update(
+        graphdef,
+        rest,
+        optimizer,
+        pcfg,
+        media_token_id=vcfg.media_token_id,
+        temperature=cfg.rollout.temperature,
+    )
+    logp_fn = jax.jit(
+        lambda params, batch: response_logprobs(
+            nnx.merge(graphdef, params, rest), batch, vcfg.media_token_id, cfg.rollout.temperature
+        )
+    )
+    prompt_fn = jax.jit(
+        lambda params, ids, video: merge_multimodal(
+            nnx.merge(graphdef, params, rest).embed(ids),
+            ids,
+            video.reshape(-1, video.shape[-1]),
+            vcfg.media_token_id,
+        )
+    )
+    rcfg = RolloutConfig(
+        num_samples=cfg.rollout.num_samples,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        stop_token_ids=(tok.eos_id,),
+        pad_id=tok.pad_id,
+    )
+
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None and not resume:
+        ckpt.close()
+        raise FileExistsError(f"{ckpt.directory} has checkpoints (step {start}); resume=True?")
+    if start is not None:
+        state, _ = ckpt.restore(start, abstract_state(state, shardings))
+    start = start or 0
+    if main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    logger = metrics_lib.MetricsLogger(metrics_path, resume_step=start)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = metrics_lib.progress_bar(cfg.steps, initial=start, desc=cfg.name)
+    g, p = cfg.rollout.num_samples, cfg.prompts_per_step
+    updates_per_step = cfg.algo.update_epochs * cfg.algo.minibatches
+    key = jax.random.key(cfg.seed)
+
+    def llm_with(params):
+        return nnx.merge(graphdef, params, rest)
+
+    try:
+        for i in range(start, end):
+            t0 = time.perf_counter()
+            recs, video = prompts.step(i)
+            ids_list = [
+                prompt_ids(r, tok, media_token_id=vcfg.media_token_id, num_media=n_media)
+                for r in recs
+            ]
+            ids, pmask = left_pad(ids_list, tok.pad_id, bucket=rcfg.length_bucket)
+            ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
+            embeds = prompt_fn(state.params, ids, video)
+            with use_mesh(None):
+                res = rollout(
+                    llm_with(state.params),
+                    inputs_embeds=embeds,
+                    input_mask=pmask,
+                    cfg=rcfg,
+                    rng=jax.random.fold_in(key, i),
+                )
+            tokens, lengths, pidx = jax.device_get((res.tokens, res.lengths, res.prompt_index))
+            texts = [decode_response(tok, row[:n]) for row, n in zip(tokens, lengths)]
+            examples = [recs[j] for j in pidx]
+            rewards, parts = score(texts, examples, cfg.reward)
+            if cfg.algo.overlong_buffer > 0:
+                rewards = rewards + np.asarray(
+                    overlong_penalty(
+                        jnp.asarray(lengths),
+                        max_len=cfg.rollout.max_new_tokens,
+                        buffer_len=cfg.algo.overlong_buffer,
+                        penalty=cfg.algo.overlong_penalty,
+                    )
+                )
+            scale = "std" if cfg.algo.advantage == "grpo" else "none"
+            adv = group_advantages(jnp.asarray(rewards), jnp.asarray(pidx), p, scale=scale)
+            mask = res.mask
+            keep = np.ones(len(rewards), bool)
+            if cfg.algo.dynamic_sampling:
+                keep = np.asarray(dynamic_sampling_keep(jnp.asarray(rewards), jnp.asarray(pidx), p))
+                mask = mask & jnp.asarray(keep)[:, None]
+            batch = dict(
+                prompt_ids=ids,
+                prompt_mask=pmask,
+                video=video,
+                tokens=res.tokens,
+                mask=mask,
+                prompt_index=res.prompt_index,
+                advantages=adv,
+            )
+            if updates_per_step > 1:
+                batch["old_logp"] = logp_fn(state.params, batch)
+            step_metrics = []
+            for _ in range(cfg.algo.update_epochs):
+                for mb in _minibatches(batch, cfg.algo.minibatches, g):
+                    state, m = update(state, mb, ref_params)
+                    step_metrics.append(m)
+            m = {k: float(np.mean([float(x[k]) for x in step_metrics])) for k in step_metrics[0]}
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"RL loss is {m['loss']} at step {i + 1}; stopped")
+            row = dict(
+                reward=float(rewards.mean()),
+                **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
+                response_len=float(np.mean(lengths)),
+                kept_frac=float(keep.mean()),
+                **m,
+                encoder_calls=cache.encoder_calls,
+                cache_hits=cache.hits,
+                skipped_videos=prompts.skipped,
+                step_seconds=time.perf_counter() - t0,
+            )
+            bar.update(1)
+            if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+                logger.log(i + 1, **row)
+                bar.set_postfix(reward=f"{row['reward']:.3f}")
+            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
+                ckpt.save(i + 1, state, {"step": i + 1, "config": config_to_dict(cfg)})
+    finally:
+        bar.close()
+        logger.close()
+        ckpt.close()
+    summary: dict[str, Any] = {"output_dir": out, "start_step": start, "step": max(start, end)}
+    summary["sft_accuracy"] = sft_acc
+    if end < cfg.steps:
+        return {**summary, "stopped_at": end}
+    params = nnx.state(model.llm, nnx.Param)
+    nnx.replace_by_pure_dict(params, state.params)
+    nnx.update(model.llm, params)
+    keys = ("reward", "reward_mc_accuracy", "response_len")
+    summary["plot"] = metrics_lib.plot_metrics(metrics_path, os.path.join(out, "rewards.png"), keys)
+    save_nvila(model, model_dir := os.path.join(out, "model"))
+    summary["model_dir"] = model_dir
+    summary["rl_accuracy"] = evaluate("rl")
+    summary["cache"] = cache.stats()
+    _write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def _minibatches(batch: dict, n: int, g: int):
+    """Split a step's batch into n minibatches of whole prompt groups (prompt-major rows)."""
+    if n == 1:
+        yield batch
+        return
+    p = batch["prompt_ids"].shape[0]
+    per = p // n
+    for j in range(n):
+        lo, hi = j * per, (j + 1) * per
+        mb = {}
+        for k, v in batch.items():
+            if k in ("prompt_ids", "prompt_mask", "video"):
+                mb[k] = v[lo:hi]
+            elif k == "prompt_index":
+                mb[k] = v[lo * g : hi * g] - lo
+            else:
+                mb[k] = v[lo * g : hi * g]
+        yield mb

@@ -1,0 +1,149 @@
+"""RL job pieces: the MR-SP embedding cache, rollout vs training log-probs on the VLM path, and
+the `run_rl` loop (artifacts, exact resume, multi-update and KL options)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxstack.data.synth_video import synth_video_dataset
+from jaxstack.data.tokenizer import ByteTokenizer
+from jaxstack.data.video_qa import FrameLoader, VideoSpec, prompt_ids, read_video_qa
+from jaxstack.generate.rollout import RolloutConfig, rollout
+from jaxstack.hf import save_nvila
+from jaxstack.models import vlm
+from jaxstack.rl import trainer
+from jaxstack.rl.embedding_cache import VideoEmbeddingCache
+from jaxstack.train.vlm_sft import VideoDataSection, VLMSFTConfig, left_pad
+
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    data = str(root / "data")
+    synth_video_dataset(data, 24, frames=FRAMES, size=64, seed=2)
+    model = vlm.init_nvila(vlm.VLMConfig.preset("tiny"), seed=0)
+    save_nvila(model, str(root / "init"))
+    records = read_video_qa(os.path.join(data, "train.jsonl"))
+    return dict(root=root, data=data, model=model, records=records, init=str(root / "init"))
+
+
+def _cache(model, enabled=True):
+    loader = FrameLoader(VideoSpec(num_frames=FRAMES, image_size=56))
+    return VideoEmbeddingCache(model, lambda r: loader(r["video_path"]), enabled=enabled)
+
+
+def test_embedding_cache_hit_and_keyed_by_id(setup) -> None:
+    model, recs = setup["model"], setup["records"][:6]
+    cache = _cache(model)
+    first = cache.get_many(recs)
+    assert cache.encoder_calls == 6 and cache.hits == 0
+    # Reordered, filtered and repeated reads: served from the cache, rows follow the ids.
+    order = [4, 1, 1, 5, 0]
+    again = cache.get_many([recs[i] for i in order])
+    assert cache.encoder_calls == 6 and cache.hits == 5
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first)[order])
+    loader = FrameLoader(VideoSpec(num_frames=FRAMES, image_size=56))
+    direct = model.encode_video(jnp.asarray(loader(recs[5]["video_path"])))
+    np.testing.assert_allclose(np.asarray(again[3]), np.asarray(direct), atol=1e-5)
+    off = _cache(model, enabled=False)
+    off.get_many(recs[:2] * 2)
+    assert off.encoder_calls == 4 and off.hits == 0
+
+
+def test_rollout_logprobs_equal_training_forward_on_video_prompts(setup) -> None:
+    model, recs = setup["model"], setup["records"][:3]
+    cfg, tok = model.cfg, ByteTokenizer()
+    video = _cache(model).get_many(recs)
+    ids_list = [
+        prompt_ids(r, tok, media_token_id=cfg.media_token_id, num_media=cfg.video_length(FRAMES))
+        for r in recs
+    ]
+    ids, mask = (jnp.asarray(a) for a in left_pad(ids_list, tok.pad_id))
+    embeds = model.embed_prompt(ids, video.reshape(-1, video.shape[-1]))
+    rcfg = RolloutConfig(num_samples=4, max_new_tokens=12, temperature=1.0, pad_id=tok.pad_id)
+    res = rollout(model.llm, inputs_embeds=embeds, input_mask=mask, cfg=rcfg, rng=jax.random.key(0))
+    batch = dict(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        video=video,
+        tokens=res.tokens,
+        mask=res.mask,
+        prompt_index=res.prompt_index,
+    )
+    logp = trainer.response_logprobs(model.llm, batch, cfg.media_token_id, 1.0)
+    m = np.asarray(res.mask)
+    diff = np.abs(np.asarray(logp) - np.asarray(res.logprobs))[m]
+    assert m.sum() > 20 and diff.max() <= 1e-5
+
+
+def _rl_cfg(setup, out: str, **kw) -> trainer.RLJobConfig:
+    data = VideoDataSection(dir=setup["data"], synth_num=0, num_frames=FRAMES, batch_size=4)
+    base = dict(
+        output_dir=out,
+        init_from=setup["init"],
+        sft=VLMSFTConfig(data=data),
+        rollout=trainer.RolloutSection(num_samples=4, max_new_tokens=10),
+        steps=3,
+        prompts_per_step=4,
+        checkpoint_every=1,
+        eval=4,
+        eval_batch=4,
+    )
+    return trainer.RLJobConfig(**{**base, **kw})
+
+
+def _metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
+
+
+def test_run_rl_resume_exact(setup) -> None:
+    root = setup["root"]
+    straight = trainer.run_rl(_rl_cfg(setup, str(root / "a")))
+    trainer.run_rl(_rl_cfg(setup, str(root / "b")), stop_after=1)
+    resumed = trainer.run_rl(_rl_cfg(setup, str(root / "b")))
+    assert resumed["start_step"] == 1
+    a, b = _metrics(root / "a" / "metrics.jsonl"), _metrics(root / "b" / "metrics.jsonl")
+    assert len(a) == 3
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in ("encoder_calls", "cache_hits"):  # the cache restarts empty on resume
+                assert ra[k] == rb[k], k
+    # One read per prompt per step (the rollout and the update share it); a clip is encoded
+    # only on its first read (repeats across steps are cache hits).
+    assert a[-1]["encoder_calls"] + a[-1]["cache_hits"] == 12
+    for name in ("rewards.png", "eval_sft.json", "eval_rl.json", "model/config.json"):
+        assert os.path.exists(root / "a" / name), name
+    assert 0 <= straight["sft_accuracy"] <= 1 and 0 <= straight["rl_accuracy"] <= 1
+
+
+def test_run_rl_multi_update_kl_and_drgrpo(setup) -> None:
+    algo = trainer.AlgoSection(
+        advantage="drgrpo",
+        loss_agg="seq_mean_token_sum_norm",
+        kl_coef=0.05,
+        update_epochs=2,
+        minibatches=2,
+        dynamic_sampling=False,
+        overlong_buffer=4,
+    )
+    out = str(setup["root"] / "c")
+    summary = trainer.run_rl(
+        _rl_cfg(setup, out, algo=algo, steps=1, eval=0, cache_embeddings=False)
+    )
+    (row,) = _metrics(os.path.join(out, "metrics.jsonl"))
+    for key in ("loss", "clip_frac", "kl_ref", "approx_kl", "reward", "kept_frac"):
+        assert np.isfinite(row[key]), key
+    assert row["kept_frac"] == 1.0 and summary["rl_accuracy"] is None
+    with pytest.raises(ValueError, match="advantage"):
+        dataclasses.replace(algo, advantage="ppo")
