@@ -367,6 +367,18 @@ def test_inputs_embeds_and_empty_rows(qwen2, qwen2_greedy):
     assert int(out.num_steps) == MAX_NEW
 
 
+@pytest.mark.parametrize("chunk", [16, 21])  # T - 1 = 63: a remainder chunk of 15; 3 x 21
+def test_chunked_prefill_matches_one_call(qwen2, qwen2_greedy, chunk):
+    before = dict(TRACE_COUNTS)
+    out = generate(qwen2[1], _prompts(0), max_new_tokens=MAX_NEW, prefill_chunk=chunk)
+    # The chunk is a prefill setting: a new prefill program, the same decode program.
+    assert TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    assert TRACE_COUNTS["decode"] == before["decode"]
+    assert out.tokens == qwen2_greedy.tokens
+    for lp, ref in zip(out.logprobs, qwen2_greedy.logprobs):
+        np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+
+
 def test_bad_inputs_raise():
     model = nnx.eval_shape(lambda: init_llm(LLMConfig()))  # inputs are checked before any compute
     with pytest.raises(ValueError, match="empty"):
@@ -377,6 +389,8 @@ def test_bad_inputs_raise():
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], max_new_tokens=4, top_p=1.5)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate(model, [[1]], max_new_tokens=4, prefill_chunk=-1)
     ids, mask = pad_prompts([[5, 6, 7], [8]], bucket=4)
     np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8]])
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])

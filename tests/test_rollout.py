@@ -1,6 +1,7 @@
 """Rollout engine tests (GRPO groups): shared-prefix sampling vs per-sample prefill, rollout
 log-probs vs the training-side `sequence_logprobs` forward, stop tokens, no recompiles, greedy
-groups, and gradients through `sequence_logprobs`.
+groups, gradients through `sequence_logprobs`, chunked prefill vs one call, and unpadded prompts
+without masks (the causal fast path).
 
 Tiny random model, float32 on CPU (conftest sets 'highest' matmul precision).
 """
@@ -242,11 +243,93 @@ def test_greedy_samples_identical_within_group(model):
     assert len({tuple(tokens[b * G]) for b in range(B)}) == B
 
 
+# -- (6) chunked prefill == one-call prefill --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunk, as_embeds",
+    [(5, False), (4, False), (7, True), (1, True)],  # T - 1 = 15: 3 x 5; 3 + 3 x 4; 1 + 2 x 7
+)
+def test_chunked_prefill_matches_one_call(model, chunk, as_embeds):
+    ids, mask = pad_ids(_prompts(6), bucket=BUCKET)  # left padded, lengths 3, 9, 14
+    prompt = dict(inputs_embeds=model.embed(jnp.asarray(ids))) if as_embeds else dict(input_ids=ids)
+    key = jax.random.key(9)
+    ref = rollout(model, **prompt, input_mask=mask, cfg=_cfg(), rng=key)
+    before = dict(TRACE_COUNTS)
+    out = rollout(model, **prompt, input_mask=mask, cfg=_cfg(prefill_chunk=chunk), rng=key)
+    # The chunk is in the prefill's compile key only: the decode program is reused.
+    assert TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    assert TRACE_COUNTS["decode"] == before["decode"]
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    diff = np.abs(np.asarray(out.logprobs) - np.asarray(ref.logprobs))
+    assert diff.max() <= 1e-5, diff.max()
+    assert len(np.unique(np.asarray(out.tokens))) > 30  # actually sampling
+
+
+# -- (7) prompts without left padding: no masks, causal fast path -----------------------------
+
+
+@nnx.jit
+def _seq_loss_and_grad(model, ids, mask, tokens, rmask, index):
+    def loss(m):
+        lp = sequence_logprobs(
+            m,
+            prompt_ids=ids,
+            prompt_mask=mask,
+            response_tokens=tokens,
+            response_mask=rmask,
+            prompt_index=index,
+        )
+        return -jnp.sum(lp) / jnp.sum(rmask), lp
+
+    return nnx.value_and_grad(loss, has_aux=True)(model)
+
+
+def test_unpadded_prompts_without_masks(model):
+    # Full-length prompts of 13 tokens (rollout left pads them to the 16 bucket internally).
+    ids = np.asarray(_prompts(7, lengths=(13, 13, 13)), np.int32)
+    full = np.ones(ids.shape, bool)
+    out = rollout(model, input_ids=ids, cfg=_cfg(), rng=4)
+    ref = rollout(model, input_ids=ids, input_mask=full, cfg=_cfg(), rng=4)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.logprobs, ref.logprobs)
+    embeds = model.embed(jnp.asarray(ids))
+    via_embeds = rollout(model, inputs_embeds=embeds, cfg=_cfg(), rng=4)
+    np.testing.assert_array_equal(via_embeds.tokens, out.tokens)
+
+    rmask = np.asarray(out.mask).copy()
+    rmask[1, 5:] = False  # short responses: unmasked right padding follows the scored tokens
+    rmask[6, 9:] = False
+    tokens = np.where(rmask, np.asarray(out.tokens), -1)
+    args = (tokens, rmask, out.prompt_index, 1.0)
+    masked = _seq_logprobs_ids(model, ids, full, *args)
+    fast = _seq_logprobs_ids(model, ids, None, *args)
+    fast_embeds = _seq_logprobs_embeds(model, embeds, None, *args)
+    assert (np.asarray(fast)[~rmask] == 0).all()
+    for lp in (masked, fast_embeds, out.logprobs):
+        diff = np.abs(np.asarray(fast) - np.asarray(lp))[rmask]
+        assert diff.max() <= 1e-5, diff.max()
+
+    # Gradients flow through the unmasked path and equal the masked path's.
+    (value, lp), grads = _seq_loss_and_grad(model, ids, None, tokens, rmask, out.prompt_index)
+    (value_ref, _), grads_ref = _seq_loss_and_grad(
+        model, ids, full, tokens, rmask, out.prompt_index
+    )
+    assert np.isfinite(float(value)) and abs(float(value) - float(value_ref)) <= 1e-5
+    leaves, leaves_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    assert sum(float(jnp.sum(jnp.abs(x))) for x in leaves) > 0
+    for x, y in zip(leaves, leaves_ref):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_inputs_raise(model):
     ids, mask = pad_ids(_prompts(0), bucket=BUCKET)
     with pytest.raises(ValueError, match="exactly one"):
         rollout(model, input_mask=mask, cfg=_cfg(), rng=0)
     with pytest.raises(ValueError, match="num_samples"):
         rollout(model, input_ids=ids, input_mask=mask, cfg=_cfg(num_samples=0), rng=0)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        rollout(model, input_ids=ids, input_mask=mask, cfg=_cfg(prefill_chunk=-1), rng=0)
     with pytest.raises(ValueError, match="empty"):
         pad_embeds([jnp.zeros((2, 64)), jnp.zeros((0, 64))])

@@ -164,21 +164,15 @@ def make_example(
         answer = order[0] if which == "first" else order[-1]
         question = str(rng.choice(_COLOR_Q[which]))
         options = _place(answer, [c for c in order if c != answer], letter, rng)
-        reasoning = (
-            f"The colours appeared in the order {', '.join(order)}, so the {which} was {answer}."
-        )
+        reasoning = f"order {', '.join(order)}; {which} {answer}"
         video = _color_order_frames(order, frames, size)
     elif task == "count":
         k = letter + 1  # options are "1".."4" in order
         on = sorted(int(s) for s in rng.choice(NUM_SEGMENTS, k, replace=False))
         parts = [str(s + 1) for s in on]
-        listed = parts[0] if k == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-        times = "once" if k == 1 else f"{k} times"
         question = str(rng.choice(_COUNT_Q))
         options = [str(j) for j in range(1, NUM_SEGMENTS + 1)]
-        reasoning = (
-            f"The square flashed in part{'s' if k > 1 else ''} {listed}, so it flashed {times}."
-        )
+        reasoning = f"flashes in part {', '.join(parts)}: {k}"
         video = _count_frames(on, frames, size)
     else:
         direction = str(rng.choice(DIRECTIONS))
@@ -186,7 +180,7 @@ def make_example(
         question = str(rng.choice(_DIRECTION_Q))
         options = _place(direction, [d for d in DIRECTIONS if d != direction], letter, rng)
         start, end = _EDGES[direction]
-        reasoning = f"It started at the {start} and ended at the {end}, so it moved {direction}."
+        reasoning = f"{start} to {end}: {direction}"
         video = _direction_frames(direction, color, frames, size)
     record = {
         "id": f"synth-{i:05d}",

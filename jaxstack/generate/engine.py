@@ -8,6 +8,10 @@ How a call runs (B prompts, padded prompt length T, N = max_new_tokens):
 1. Prefill (one compiled program): prompt columns [0, T - 1) go through `model.decode_step`
    into a `KVCache` of T + N slots; their logits are never used, so XLA never computes the
    [B, T, V] logits. Prompts are left padded, so column T - 1 is every row's last real token.
+   With `prefill_chunk` C > 0 the columns go in chunks of C (a first chunk of (T - 1) mod C
+   columns, then a `lax.scan` over the full chunks), so the transient attention mask and
+   scores are [B, 1 | H, C, T + N] instead of [B, 1 | H, T - 1, T + N] (long video prompts);
+   same cache, same results.
 2. Decode (one compiled program): a `lax.while_loop` feeds the last prompt token (step 0) and
    then each sampled token back, one cache slot per step, and exits as soon as every row has
    produced a stop token (or after N tokens). Finished rows emit `pad_id` and log-prob 0.
@@ -17,11 +21,12 @@ repeats its carry's rows G times after prefilling the B prompts once, so the dec
 B * G rows (b * G + g) sharing each prompt's prefill.
 
 Compiled programs are cached on (program, model graph, parameter shapes/dtypes/shardings,
-input shapes, static settings, mesh). The static settings are N and the cache dtype, plus, for
-the decode program only, pad_id, whether greedy and top-p are on, and top_k (static because
-`lax.top_k` needs it; sampling from k candidates is the fast path). The temperature and top_p
-values and the stop tokens (padded to a multiple of 8 entries) are runtime inputs, so changing
-them does not recompile. `TRACE_COUNTS` counts traces per program (a hook to catch recompiles).
+input shapes, static settings, mesh). The static settings are N and the cache dtype, plus,
+for the prefill program only, num_samples and prefill_chunk, and, for the decode program only,
+pad_id, whether greedy and top-p are on, and top_k (static because `lax.top_k` needs it;
+sampling from k candidates is the fast path). The temperature and top_p values and the stop
+tokens (padded to a multiple of 8 entries) are runtime inputs, so changing them does not
+recompile. `TRACE_COUNTS` counts traces per program (a hook to catch recompiles).
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class _Static:
     pad_id: int
     cache_dtype: Any
     num_samples: int = 1  # prefill only: rows repeated after the prefill (see `_prefill`)
+    prefill_chunk: int = 0  # prefill only: prompt columns per decode_step call (0 = all)
 
 
 @jax.tree_util.register_dataclass
@@ -167,6 +173,9 @@ def _prefill(
 
     Columns [0, T - 1) go into the KV cache (their logits are unused, so XLA never computes
     them); the last column is kept as an embedding for the loop's first step. With
+    `st.prefill_chunk` C > 0 they go through `decode_step` C columns at a time: first the
+    (T - 1) mod C leading columns (if any) in one call, then the full chunks in a `lax.scan`
+    (one traced body, so compile time does not grow with T). With
     `st.num_samples` G > 1 the prompts are prefilled once and the carry's rows (cache, first
     embedding, done, prompt lengths) are then repeated G times, row b * G + g being sample g of
     prompt b, so the decode loop runs B * G rows that share each prompt's prefill.
@@ -180,11 +189,8 @@ def _prefill(
     cache = KVCache.init(model.cfg, b, t + st.max_new_tokens, st.cache_dtype)
     if t > 1:
         positions = jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1, 0)
-        _, cache = model.decode_step(
-            cache,
-            inputs_embeds=embeds[:, :-1],
-            positions=positions[:, :-1],
-            input_mask=input_mask[:, :-1],
+        cache = _prefill_columns(
+            model, cache, embeds[:, :-1], positions[:, :-1], input_mask[:, :-1], st.prefill_chunk
         )
     first = embeds[:, -1]
     done = ~input_mask[:, -1]  # rows that are all padding generate nothing
@@ -213,6 +219,44 @@ def _prefill(
         prompt_lengths=prompt_lengths,
         rng=rng,
     )
+
+
+def _prefill_columns(
+    model: nnx.Module, cache: KVCache, embeds: Array, positions: Array, mask: Array, chunk: int
+) -> KVCache:
+    """Write L prompt columns (embeds [B, L, D], positions / mask [B, L]) into `cache`.
+
+    chunk 0 (or >= L): one `decode_step` call. Otherwise the first L mod chunk columns go in one
+    call and the remaining L // chunk full chunks in a `lax.scan`, each attending to the cache
+    filled so far, so the attention mask / scores are [B, 1 | H, chunk, S], not [.., L, S].
+    """
+    length = embeds.shape[1]
+    if chunk <= 0 or chunk >= length:
+        _, cache = model.decode_step(
+            cache, inputs_embeds=embeds, positions=positions, input_mask=mask
+        )
+        return cache
+    rem = length % chunk
+    if rem:
+        _, cache = model.decode_step(
+            cache,
+            inputs_embeds=embeds[:, :rem],
+            positions=positions[:, :rem],
+            input_mask=mask[:, :rem],
+        )
+
+    def chunks(x: Array) -> Array:  # [B, L', ...] -> [L' / chunk, B, chunk, ...]
+        x = x[:, rem:]
+        x = x.reshape(x.shape[0], -1, chunk, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    def body(c: KVCache, xs: tuple[Array, Array, Array]) -> tuple[KVCache, None]:
+        e, p, m = xs
+        _, c = model.decode_step(c, inputs_embeds=e, positions=p, input_mask=m)
+        return c, None
+
+    cache, _ = jax.lax.scan(body, cache, (chunks(embeds), chunks(positions), chunks(mask)))
+    return cache
 
 
 def _decode(
@@ -349,6 +393,7 @@ def _static_settings(
     pad_id: int,
     cache_dtype: Any,
     num_samples: int = 1,
+    prefill_chunk: int = 0,
 ) -> _Static:
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -360,6 +405,8 @@ def _static_settings(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if int(prefill_chunk) < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0 = one call), got {prefill_chunk}")
     if cache_dtype is None:
         cache_dtype = getattr(model, "dtype", jnp.float32)
     return _Static(
@@ -370,6 +417,7 @@ def _static_settings(
         pad_id=int(pad_id),
         cache_dtype=jnp.dtype(cache_dtype),
         num_samples=int(num_samples),
+        prefill_chunk=int(prefill_chunk),
     )
 
 
@@ -417,8 +465,9 @@ def _run(
     prefill_s = time.perf_counter() - start
 
     decode_args = (state, carry, sampling)
-    # The decode program only sees the B * G rows: key it without num_samples.
-    decode_st = dataclasses.replace(st, num_samples=1)
+    # The decode program only sees the B * G rows and the filled cache: key it without
+    # num_samples and prefill_chunk.
+    decode_st = dataclasses.replace(st, num_samples=1, prefill_chunk=0)
     decode, seconds = _compiled("decode", _decode, decode_st, graphdef, decode_args, (1,))
     compile_s += seconds
     start = time.perf_counter()
@@ -448,6 +497,7 @@ def generate_tokens(
     pad_id: int = 0,
     cache_dtype: Any = None,
     num_samples: int = 1,
+    prefill_chunk: int = 0,
 ) -> GeneratedTokens:
     """Generate up to `max_new_tokens` tokens for a left-padded batch; arrays in, arrays out.
 
@@ -466,11 +516,23 @@ def generate_tokens(
       by G decode rows; outputs then have B * G rows, row b * G + g being sample g of prompt b
       (see `jaxstack.generate.rollout` for the RL-facing API). One PRNG key per step draws
       for all rows, so this samples exactly like G = 1 on the prompts repeated G times.
+    prefill_chunk: prompt columns per prefill `decode_step` call (0 = all T - 1 in one call).
+      Bounds the prefill's transient attention memory to [B, H, chunk, T + N] for long
+      prompts; same tokens and log-probs (up to float rounding). Static: a new value
+      recompiles the prefill only.
     Returns `GeneratedTokens` (tokens int32 [B, N], logprobs float32 [B, N], lengths int32
     [B], num_steps int32 []; B * G rows with num_samples) without waiting for the device.
     """
     st = _static_settings(
-        model, max_new_tokens, temperature, top_p, top_k, pad_id, cache_dtype, num_samples
+        model,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        pad_id,
+        cache_dtype,
+        num_samples,
+        prefill_chunk,
     )
     out, _ = _run(
         model,
@@ -544,6 +606,7 @@ def generate(
     seed: int = 0,
     cache_dtype: Any = None,
     prompt_bucket: int = 64,
+    prefill_chunk: int = 0,
 ) -> GenerationOutput:
     """Generate continuations of token-id prompts (greedy or sampled) with a KV cache.
 
@@ -553,7 +616,16 @@ def generate(
     Returns a `GenerationOutput` of Python lists (each row cut after its first stop token)
     with timings.
     """
-    st = _static_settings(model, max_new_tokens, temperature, top_p, top_k, pad_id, cache_dtype)
+    st = _static_settings(
+        model,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        pad_id,
+        cache_dtype,
+        prefill_chunk=prefill_chunk,
+    )
     vocab = model.cfg.vocab_size
     for i, p in enumerate(prompts):
         bad = [int(x) for x in p if not 0 <= int(x) < vocab]

@@ -5,7 +5,9 @@ training-side forward that recomputes their log-probs.
 
 1. B prompts, left padded to T columns (ids [B, T] or embeddings [B, T, D], e.g. a VLM prompt
    with cached video embeddings spliced in), are prefilled ONCE into a KV cache of T + N slots
-   (N = max_new_tokens): columns [0, T - 1) go through `model.decode_step`.
+   (N = max_new_tokens): columns [0, T - 1) go through `model.decode_step`, in one call or,
+   with `RolloutConfig.prefill_chunk` C > 0, C columns at a time (a `lax.scan`), so a long
+   (video) prompt's transient attention scores are [B, H, C, T + N], not [B, H, T - 1, T + N].
 2. The prefill's cache (k, v, kv_mask), the last prompt column and the prompt lengths are
    repeated G times along the batch: row b * G + g is sample g of prompt b.
 3. One jitted `lax.while_loop` samples all B * G rows (temperature / top-k / top-p, stop
@@ -23,7 +25,9 @@ runtime inputs.
 
 `sequence_logprobs` (training side): a pure function of the model (no jit inside; call it
 under `nnx.jit` / `nnx.value_and_grad`) that runs one full forward over [prompt ; response]
-and returns the same per-token log-probs, differentiable w.r.t. the model parameters.
+and returns the same per-token log-probs, differentiable w.r.t. the model parameters. Without a
+prompt mask (prompts not left padded) it runs the model's causal fast path (no dense mask:
+cuDNN flash attention on GPU), which long prompts need.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class RolloutConfig:
     pad_id: the token written after a row's stop token.
     length_bucket: prompt lengths are left padded up to a multiple of this (bounds recompiles).
     cache_dtype: KV-cache dtype, default the model's compute dtype.
+    prefill_chunk: prompt columns per prefill `decode_step` call, 0 = the whole prompt in one
+      call. Set it (e.g. 2048) for long prompts: it bounds the prefill's transient attention
+      memory to [B, H, prefill_chunk, T + N]. Same results; a new value recompiles the prefill.
     """
 
     num_samples: int
@@ -68,6 +75,7 @@ class RolloutConfig:
     pad_id: int = 0
     length_bucket: int = 64
     cache_dtype: Any = None
+    prefill_chunk: int = 0
 
 
 @jax.tree_util.register_dataclass
@@ -139,7 +147,7 @@ def rollout(
     *,
     input_ids: Array | None = None,
     inputs_embeds: Array | None = None,
-    input_mask: Array,
+    input_mask: Array | None = None,
     cfg: RolloutConfig,
     rng: Array | int,
 ) -> RolloutResult:
@@ -148,8 +156,8 @@ def rollout(
     model: an `LLM` (anything with `cfg`, `embed`, `decode_step`).
     input_ids: int [B, T] left padded, or inputs_embeds [B, T, D] left padded (exactly one).
     input_mask: bool [B, T], True on real positions; rows whose last column is padding are
-      batch filler and generate only pad_id. T is left padded up to a multiple of
-      `cfg.length_bucket` if it is not one already.
+      batch filler and generate only pad_id. None: every position is real (no left padding).
+      T is left padded up to a multiple of `cfg.length_bucket` if it is not one already.
     rng: PRNG key or int seed (unused when temperature == 0).
     Returns a `RolloutResult` with B * G rows (b * G + g), without waiting for the device.
     """
@@ -165,7 +173,11 @@ def rollout(
         cfg.pad_id,
         cfg.cache_dtype,
         g,
+        cfg.prefill_chunk,
     )
+    if input_mask is None:
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        input_mask = jnp.ones(np.shape(prompt)[:2], bool)
     input_mask = jnp.asarray(input_mask, bool)
     if input_mask.ndim != 2:
         raise ValueError(f"input_mask must be [B, T], got shape {input_mask.shape}")
@@ -205,7 +217,7 @@ def sequence_logprobs(
     *,
     prompt_ids: Array | None = None,
     prompt_embeds: Array | None = None,
-    prompt_mask: Array,
+    prompt_mask: Array | None = None,
     response_tokens: Array,
     response_mask: Array,
     prompt_index: Array,
@@ -214,19 +226,26 @@ def sequence_logprobs(
     """Per-token log-probs float32 [R, N] of responses under the model (one full forward).
 
     prompt_ids int [B, T] or prompt_embeds [B, T, D]: left-padded prompts (exactly one);
-      prompt_mask bool [B, T].
+      prompt_mask bool [B, T], True on real positions; None means no left padding (every
+      prompt is T tokens long), which runs the causal fast path (see below).
     response_tokens int [R, N], right padded (any pad id); response_mask bool [R, N], True on
       the tokens to score (a prefix of each row); prompt_index int [R]: each response's prompt
       row (`RolloutResult.prompt_index`).
     temperature: log-probs under softmax(logits / temperature), 0 counting as 1 (the rollout
       convention).
 
-    Runs [prompt ; response[:, :-1]] (T + N - 1 columns) through `model.hidden_states` with
-    the padding mask, RoPE positions counted over real tokens only (left padding does not
-    shift them; response token j sits at position prompt_length + j), and computes logits
-    only for the N response-predicting positions, never [R, T + N, V]. Returns 0 where
-    response_mask is False. Pure and differentiable w.r.t. the model's parameters: call it
-    inside `nnx.jit` / `nnx.value_and_grad`.
+    Runs [prompt ; response[:, :-1]] (T + N - 1 columns) through `model.hidden_states` and
+    computes logits only for the N response-predicting positions, never [R, T + N, V].
+    With a prompt_mask it passes the padding mask (a dense [R, 1, T + N - 1, T + N - 1] mask,
+    dense XLA attention) and RoPE positions counted over real tokens only (left padding does
+    not shift them; response token j sits at position prompt_length + j). With prompt_mask
+    None it passes neither: positions are 0 .. T + N - 2 and attention takes the model's
+    causal path (cuDNN flash attention on GPU, sequence parallel on a `sequence` mesh), which
+    long (video) prompts need; the response padding after each row's end is not masked, but
+    under causal attention it cannot reach the scored positions before it. Either way the
+    log-probs match `rollout`'s on the same prompts. Returns 0 where response_mask is False.
+    Pure and differentiable w.r.t. the model's parameters: call it inside `nnx.jit` /
+    `nnx.value_and_grad`.
     """
     if (prompt_ids is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompt_ids [B, T] and prompt_embeds [B, T, D]")
@@ -235,17 +254,20 @@ def sequence_logprobs(
         prompt = model.embed(jnp.take(jnp.asarray(prompt_ids, jnp.int32), prompt_index, axis=0))
     else:
         prompt = jnp.take(prompt_embeds, prompt_index, axis=0).astype(model.dtype)
-    p_mask = jnp.take(jnp.asarray(prompt_mask, bool), prompt_index, axis=0)
     tokens = jnp.asarray(response_tokens, jnp.int32)
     r_mask = jnp.asarray(response_mask, bool)
-    t, n = p_mask.shape[1], tokens.shape[1]
+    t, n = prompt.shape[1], tokens.shape[1]
     # Pad ids (e.g. -1) may lie outside the vocabulary: embed a valid id there; it is masked.
     safe = jnp.where(r_mask, jnp.clip(tokens, 0, model.cfg.vocab_size - 1), 0)
     # The last response token predicts nothing we score: feed T + N - 1 columns.
     embeds = jnp.concatenate([prompt, model.embed(safe[:, :-1]).astype(prompt.dtype)], axis=1)
-    mask = jnp.concatenate([p_mask, r_mask[:, :-1]], axis=1)
-    positions = positions_from(mask.shape[0], mask.shape[1], None, mask)
-    hidden = model.hidden_states(inputs_embeds=embeds, positions=positions, input_mask=mask)
+    if prompt_mask is None:  # no left padding: the causal fast path, no dense mask
+        hidden = model.hidden_states(inputs_embeds=embeds)
+    else:
+        p_mask = jnp.take(jnp.asarray(prompt_mask, bool), prompt_index, axis=0)
+        mask = jnp.concatenate([p_mask, r_mask[:, :-1]], axis=1)
+        positions = positions_from(mask.shape[0], mask.shape[1], None, mask)
+        hidden = model.hidden_states(inputs_embeds=embeds, positions=positions, input_mask=mask)
     # Column T - 1 + j (the last prompt token, then response token j - 1) predicts token j.
     logits = model.logits(hidden[:, t - 1 : t - 1 + n])  # [R, N, V]
     scaled = logits.astype(jnp.float32) / _safe_temperature(temperature)

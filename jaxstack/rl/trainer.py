@@ -61,7 +61,7 @@ class RolloutSection:
     """num_samples: G responses per prompt; temperature/top_p/top_k: sampling."""
 
     num_samples: int = 8
-    max_new_tokens: int = 120
+    max_new_tokens: int = 88
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -116,7 +116,7 @@ class RLJobConfig:
             lr=2e-4, warmup_steps=2, total_steps=0, weight_decay=0.0, min_lr_ratio=1.0
         )
     )
-    reward: dict[str, float] = dataclasses.field(default_factory=lambda: {"r1v": 1.0})
+    reward: dict[str, float] = dataclasses.field(default_factory=lambda: {"mc_accuracy": 0.9, "format": 0.1})
     steps: int = 40
     prompts_per_step: int = 16
     cache_embeddings: bool = True

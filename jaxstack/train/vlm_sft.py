@@ -69,7 +69,7 @@ class VideoDataSection:
     image_size: int = 56
     tokenizer: str = "byte"
     batch_size: int = 16
-    seq_len: int = 256
+    seq_len: int = 208
     seed: int = 0
 
 
@@ -93,7 +93,7 @@ class VLMSFTConfig:
     seed: int = 0
     eval: int = 160
     eval_batch: int = 80
-    max_new_tokens: int = 120
+    max_new_tokens: int = 88
 
     def __post_init__(self):
         for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints", "eval_batch"):
@@ -211,7 +211,7 @@ def evaluate_video_qa(
     video: Any,
     *,
     batch: int = 80,
-    max_new_tokens: int = 120,
+    max_new_tokens: int = 88,
     loader: Any = None,
 ) -> dict:
     """Greedy answers to multiple-choice video questions -> accuracy (and format rate).
