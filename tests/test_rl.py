@@ -147,3 +147,24 @@ def test_run_rl_multi_update_kl_and_drgrpo(setup) -> None:
     assert row["kept_frac"] == 1.0 and summary["rl_accuracy"] is None
     with pytest.raises(ValueError, match="advantage"):
         dataclasses.replace(algo, advantage="ppo")
+
+
+def test_configs_parse_and_rl_tiny_is_the_default() -> None:
+    import glob
+
+    from jaxstack.config import load_config
+    from jaxstack.train.trainer import TrainJobConfig
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for path in sorted(glob.glob(os.path.join(root, "*.yaml"))):
+        name = os.path.basename(path)
+        cls = (
+            trainer.RLJobConfig
+            if name.startswith("rl_")
+            else VLMSFTConfig
+            if name.startswith("vlm_sft")
+            else TrainJobConfig
+        )
+        load_config(cls, path, [])
+    tiny = load_config(trainer.RLJobConfig, os.path.join(root, "rl_tiny.yaml"), [])
+    assert tiny == trainer.RLJobConfig()

@@ -168,3 +168,28 @@ def test_sft_frozen_vision_tower_unchanged(dataset: str, tmp_path) -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     llm = lambda m: jax.tree.leaves(nnx.state(m.llm, nnx.Param))
     assert any(not np.array_equal(a, b) for a, b in zip(llm(trained), llm(init)))
+
+
+def test_prompt_uses_tokenizers_own_media_token(dataset: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxstack.data.tokenizer import HFTokenizer
+
+    words = ["[UNK]", "user", "assistant", "A.", "B.", "C.", "D."]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>")
+    hf.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>"]})
+    hf.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    tok = HFTokenizer(hf)
+    media = hf.convert_tokens_to_ids("<image>")
+    rec = read_video_qa(os.path.join(dataset, "train.jsonl"))[0]
+    ids = prompt_ids(rec, tok, media_token_id=media, num_media=7)
+    assert ids.count(media) == 7
+    first = ids.index(media)
+    assert ids[first : first + 7] == [media] * 7
+    assert ids[-2:] == [hf.convert_tokens_to_ids("<|im_start|>"), words.index("assistant")]

@@ -93,12 +93,34 @@ def _find(seq: Sequence[int], sub: Sequence[int]) -> int:
     return -1
 
 
+def _media_marker(tok: Tokenizer, media_token_id: int) -> str | None:
+    """The tokenizer's own text for the media id when it encodes back to exactly that one id
+    (an added special token such as NVILA's "<image>"), else None."""
+    if not 0 <= media_token_id < tok.vocab_size:
+        return None
+    try:
+        text = tok.decode([media_token_id], skip_special_tokens=False)
+        return text if text and tok.encode(text) == [media_token_id] else None
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
 def prompt_ids(
     rec: Mapping[str, Any], tok: Tokenizer, *, media_token_id: int, num_media: int
 ) -> list[int]:
-    """Chat-template ids of the prompt with `num_media` media placeholders for the video."""
-    content = f"{VIDEO_SENTINEL}\n{format_question(rec)}"
-    ids = tok.apply_chat_template([{"role": "user", "content": content}])
+    """Chat-template ids of the prompt with `num_media` media placeholders for the video.
+
+    The video's place in the user turn is marked with the tokenizer's own media token when it has
+    one (it survives templating as one id), else with the text `<video>` located in the ids.
+    """
+    question = format_question(rec)
+    marker = _media_marker(tok, media_token_id)
+    if marker is not None:
+        ids = tok.apply_chat_template([{"role": "user", "content": f"{marker}\n{question}"}])
+        if ids.count(media_token_id) == 1:
+            at = ids.index(media_token_id)
+            return ids[:at] + [media_token_id] * num_media + ids[at + 1 :]
+    ids = tok.apply_chat_template([{"role": "user", "content": f"{VIDEO_SENTINEL}\n{question}"}])
     sentinel = tok.encode(VIDEO_SENTINEL)
     at = _find(ids, sentinel)
     if at < 0:  # the template tokenised the sentinel together with its neighbours

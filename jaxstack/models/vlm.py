@@ -88,7 +88,7 @@ class VLMConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> VLMConfig:
-        """Preset by name ("tiny", "nvila-8b"); keyword overrides replace fields."""
+        """Preset by name (see PRESETS); keyword overrides replace fields."""
         if name not in PRESETS:
             raise KeyError(f"unknown VLM preset {name!r}; choose from {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name](), **overrides)
@@ -108,17 +108,20 @@ def _tiny() -> VLMConfig:
     )
 
 
-def _nvila_8b() -> VLMConfig:
-    # Shapes only: so400m-patch14-448 (1024 tokens -> 256 after 2x2) + Qwen2.5-7B. 198 is "\n"
+def _nvila(llm_preset: str):
+    # Shapes only: so400m-patch14-448 (1024 tokens -> 256 after 2x2) + a Qwen2.5 LLM. 198 is "\n"
     # in the Qwen2 tokenizer; the media id is the tokenizer's appended placeholder token and
-    # depends on the checkpoint's tokenizer (unverified here: set it from the tokenizer).
-    return VLMConfig(
-        vision=siglip_config("so400m-patch14-448"),
-        llm=LLMConfig.preset("qwen2.5-7b"),
-        frames_per_group=8,
-        media_token_id=151649,
-        separator_token_id=198,
-    )
+    # depends on the checkpoint's tokenizer (`jaxstack.hf.load_nvila` reads it from there).
+    def make() -> VLMConfig:
+        return VLMConfig(
+            vision=siglip_config("so400m-patch14-448"),
+            llm=LLMConfig.preset(llm_preset),
+            frames_per_group=8,
+            media_token_id=151649,
+            separator_token_id=198,
+        )
+
+    return make
 
 
 def _tiny_video() -> VLMConfig:
@@ -141,7 +144,13 @@ def _tiny_video() -> VLMConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-video": _tiny_video, "nvila-8b": _nvila_8b}
+PRESETS = {
+    "tiny": _tiny,
+    "tiny-video": _tiny_video,
+    "nvila-qwen2.5-1.5b": _nvila("qwen2.5-1.5b"),
+    "nvila-qwen2.5-3b": _nvila("qwen2.5-3b"),
+    "nvila-8b": _nvila("qwen2.5-7b"),
+}
 
 
 class NVILA(nnx.Module):

@@ -51,7 +51,13 @@ from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.checkpoint import Checkpointer, abstract_state
 from jaxstack.train.step import OptimConfig, TrainState
-from jaxstack.train.vlm_sft import VLMSFTConfig, decode_response, evaluate_video_qa, left_pad
+from jaxstack.train.vlm_sft import (
+    DTYPES,
+    VLMSFTConfig,
+    decode_response,
+    evaluate_video_qa,
+    left_pad,
+)
 
 Array = jax.Array
 
@@ -116,7 +122,9 @@ class RLJobConfig:
             lr=2e-4, warmup_steps=2, total_steps=0, weight_decay=0.0, min_lr_ratio=1.0
         )
     )
-    reward: dict[str, float] = dataclasses.field(default_factory=lambda: {"mc_accuracy": 0.9, "format": 0.1})
+    reward: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"mc_accuracy": 0.9, "format": 0.1}
+    )
     steps: int = 40
     prompts_per_step: int = 16
     cache_embeddings: bool = True
@@ -333,7 +341,14 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
 
     mesh = make_mesh(cfg.mesh or None)
     tok = load_tokenizer(data_cfg.tokenizer)
-    model = load_nvila(start_dir, mesh=mesh)
+    msec = cfg.sft.model  # dtypes and remat of the policy
+    model = load_nvila(
+        start_dir,
+        dtype=DTYPES[msec.dtype],
+        param_dtype=DTYPES[msec.param_dtype],
+        mesh=mesh,
+        remat=msec.remat,
+    )
     vcfg = model.cfg
     vspec = VideoSpec(num_frames=data_cfg.num_frames, image_size=data_cfg.image_size)
     loader = FrameLoader(vspec)
