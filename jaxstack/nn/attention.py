@@ -76,16 +76,46 @@ def dot_product_attention(
     if implementation is None:
         implementation = "cudnn" if _cudnn_ok(q_bthd, k_bshd) else "xla"
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(
-            q_bthd,
-            k_bshd,
-            v_bshd,
-            mask=mask,
-            is_causal=causal,
-            scale=scale,
-            implementation="cudnn",
-        )
+        return _cudnn_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
     return _xla_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
+
+
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def _cudnn_attention(q, k, v, *, mask, causal, scale):
+    """cuDNN flash attention with T and S padded up to a multiple of 64 (cuDNN rejects some
+    lengths, e.g. odd ones with a mask in training). Padded keys are never attended by real
+    queries (masked, or after them under the causal mask); padded query rows attend to the
+    real keys and are sliced off."""
+    t, s = q.shape[1], k.shape[1]
+    pad_t, pad_s = (-t) % CUDNN_SEQ_MULTIPLE, (-s) % CUDNN_SEQ_MULTIPLE
+    if causal and t != s:
+        pad_t = pad_s = 0  # top-left causal alignment would shift: leave such calls as they are
+    kv_lengths = None
+    if pad_t or pad_s:
+        seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+        q, k, v = seq(q, pad_t), seq(k, pad_s), seq(v, pad_s)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            rows = pad_t if mask.shape[-2] == t else 0
+            cols = pad_s if mask.shape[-1] == s else 0
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, rows), (0, 0)), constant_values=True)
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, cols)), constant_values=False)
+        elif not causal:
+            kv_lengths = jnp.full((q.shape[0],), s, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=causal,
+        scale=scale,
+        key_value_seq_lengths=kv_lengths,
+        implementation="cudnn",
+    )
+    return out[:, :t]
 
 
 def _xla_attention(q, k, v, *, mask, causal, scale):
