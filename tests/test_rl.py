@@ -168,3 +168,50 @@ def test_configs_parse_and_rl_tiny_is_the_default() -> None:
         load_config(cls, path, [])
     tiny = load_config(trainer.RLJobConfig, os.path.join(root, "rl_tiny.yaml"), [])
     assert tiny == trainer.RLJobConfig()
+
+
+def test_update_moves_logprobs_along_the_advantage(setup) -> None:
+    """One update raises the log-prob of responses with positive advantage, lowers negative."""
+    from flax import nnx
+
+    from jaxstack.train import step as step_lib
+
+    model, recs = setup["model"], setup["records"][:2]
+    cfg, tok = model.cfg, ByteTokenizer()
+    video = _cache(model).get_many(recs)
+    ids_list = [
+        prompt_ids(r, tok, media_token_id=cfg.media_token_id, num_media=cfg.video_length(FRAMES))
+        for r in recs
+    ]
+    ids, mask = (jnp.asarray(a) for a in left_pad(ids_list, tok.pad_id))
+    embeds = model.embed_prompt(ids, video.reshape(-1, video.shape[-1]))
+    rcfg = RolloutConfig(num_samples=2, max_new_tokens=6, pad_id=tok.pad_id)
+    res = rollout(model.llm, inputs_embeds=embeds, input_mask=mask, cfg=rcfg, rng=jax.random.key(3))
+    adv = jnp.asarray([1.0, -1.0, -1.0, 1.0])
+    batch = dict(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        video=video,
+        tokens=res.tokens,
+        mask=res.mask,
+        prompt_index=res.prompt_index,
+        advantages=adv,
+    )
+    opt = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0))
+    state, _ = step_lib.init_train_state(model.llm, opt, None)
+    state = jax.tree.map(jnp.copy, state)  # the update donates its input
+    graphdef, _, rest = nnx.split(model.llm, nnx.Param, ...)
+    pcfg = trainer.policy_cfg(trainer.AlgoSection(), 6)
+    update = trainer.make_update(
+        graphdef, rest, opt, pcfg, media_token_id=cfg.media_token_id, temperature=1.0
+    )
+
+    def seq_logp(params):
+        llm = nnx.merge(graphdef, params, rest)
+        return np.asarray(trainer.response_logprobs(llm, batch, cfg.media_token_id, 1.0).sum(-1))
+
+    before = seq_logp(state.params)
+    state, metrics = update(state, batch, None)
+    delta = seq_logp(state.params) - before
+    assert np.all(np.sign(delta) == np.sign(np.asarray(adv))), delta
+    assert float(metrics["clip_frac"]) == 0.0  # on-policy: ratio is exactly 1
