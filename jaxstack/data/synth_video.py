@@ -6,12 +6,18 @@ large saturated squares) so a tiny VLM with 56x56 input that averages groups of 
 learn them in minutes on a CPU. Tasks (round-robin over records):
 
   color_order  one large square per segment, 4 distinct colours from a palette of 6;
-               "which colour appeared first/last?"; options are the 4 colours shown.
+               "which colour appeared first/last?"; options are the 4 colours shown, in
+               palette order.
   count        a big white square flashes (visible in the first half of the segment, black in
                the second half) in k of the 4 segments, k in 1..4; "how many times did it
                flash?"; options "1".."4" in order.
   direction    a coloured square moves linearly from one edge to the opposite edge over the
-               whole clip; "in which direction did it move?"; options left/right/up/down.
+               whole clip; "in which direction did it move?"; options left/right/up/down
+               in that order.
+
+Options are listed in a fixed order per task (palette order, count order, left/right/up/down),
+so the answer letter follows from the perceived answer without a content lookup over shuffled
+options, which tiny models learn slowly; what the model must learn is the video itself.
 
 Layout written by `synth_video_dataset(out_dir, num)`:
   out_dir/videos/<id>.mp4   mpeg4 (yuv420p, high quality), readable by decord and PyAV
@@ -142,12 +148,6 @@ def _answer_letter(seed: int, task: str, k: int) -> int:
     return int(rng.permutation(4)[pos])
 
 
-def _place(answer: str, distractors: list[str], letter: int, rng: np.random.Generator) -> list[str]:
-    """Options list with `answer` at index `letter` and shuffled distractors elsewhere."""
-    rest = [distractors[i] for i in rng.permutation(len(distractors))]
-    return rest[:letter] + [answer] + rest[letter:]
-
-
 def make_example(
     i: int, *, frames: int = 16, size: int = 64, seed: int = 0
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -159,11 +159,14 @@ def make_example(
     letter = _answer_letter(seed, task, i // len(TASKS))
     rng = np.random.default_rng([seed, i, 104729])
     if task == "color_order":
-        order = [str(c) for c in rng.choice(list(PALETTE), NUM_SEGMENTS, replace=False)]
+        # Options: the 4 colours shown, in palette order; the answer sits at `letter`.
+        shown = {str(c) for c in rng.choice(list(PALETTE), NUM_SEGMENTS, replace=False)}
+        options = [c for c in PALETTE if c in shown]
+        answer = options[letter]
         which = ("first", "last")[int(rng.integers(2))]
-        answer = order[0] if which == "first" else order[-1]
+        rest = [options[j] for j in rng.permutation(NUM_SEGMENTS) if options[j] != answer]
+        order = [answer, *rest] if which == "first" else [*rest, answer]
         question = str(rng.choice(_COLOR_Q[which]))
-        options = _place(answer, [c for c in order if c != answer], letter, rng)
         reasoning = f"order {', '.join(order)}; {which} {answer}"
         video = _color_order_frames(order, frames, size)
     elif task == "count":
@@ -175,10 +178,10 @@ def make_example(
         reasoning = f"flashes in part {', '.join(parts)}: {k}"
         video = _count_frames(on, frames, size)
     else:
-        direction = str(rng.choice(DIRECTIONS))
+        direction = DIRECTIONS[letter]  # options always in DIRECTIONS order
         color = str(rng.choice(list(PALETTE)))
         question = str(rng.choice(_DIRECTION_Q))
-        options = _place(direction, [d for d in DIRECTIONS if d != direction], letter, rng)
+        options = list(DIRECTIONS)
         start, end = _EDGES[direction]
         reasoning = f"{start} to {end}: {direction}"
         video = _direction_frames(direction, color, frames, size)

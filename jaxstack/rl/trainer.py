@@ -68,7 +68,7 @@ class RolloutSection:
 
     num_samples: int = 8
     max_new_tokens: int = 88
-    temperature: float = 1.0
+    temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
 
@@ -87,7 +87,7 @@ class AlgoSection:
     clip_high: float = 0.28
     dual_clip: float | None = None
     loss_agg: str = "token_mean"
-    kl_coef: float = 0.0
+    kl_coef: float = 0.05
     dynamic_sampling: bool = True
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
@@ -119,14 +119,14 @@ class RLJobConfig:
     algo: AlgoSection = dataclasses.field(default_factory=AlgoSection)
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(
-            lr=2e-4, warmup_steps=2, total_steps=0, weight_decay=0.0, min_lr_ratio=1.0
+            lr=3e-5, warmup_steps=2, total_steps=0, weight_decay=0.0, min_lr_ratio=1.0
         )
     )
     reward: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"mc_accuracy": 0.9, "format": 0.1}
     )
     steps: int = 40
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     cache_embeddings: bool = True
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
