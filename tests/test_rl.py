@@ -201,7 +201,7 @@ def test_update_moves_logprobs_along_the_advantage(setup) -> None:
     state, _ = step_lib.init_train_state(model.llm, opt, None)
     state = jax.tree.map(jnp.copy, state)  # the update donates its input
     graphdef, _, rest = nnx.split(model.llm, nnx.Param, ...)
-    pcfg = trainer.policy_cfg(trainer.AlgoSection(), 6)
+    pcfg = trainer.policy_cfg(trainer.AlgoSection(kl_coef=0.0), 6)
     update = trainer.make_update(
         graphdef, rest, opt, pcfg, media_token_id=cfg.media_token_id, temperature=1.0
     )
