@@ -5,6 +5,7 @@
     jaxstack data synth-video --out DIR --num N      synthetic long-video QA set (mp4 + JSONL)
     jaxstack train [CONFIG.yaml] [key=value ...]     causal-LM SFT / pre-training job
     jaxstack generate --model DIR --prompt TEXT ...  batched KV-cache generation
+    jaxstack train-dllm [CONFIG.yaml] [key=value ...] diffusion LLM on sorting + sampler table
     jaxstack generate --dllm --model DIR ...         diffusion LLM with Fast-dLLM caches
 
 With no CONFIG, `rl` runs its embedded default (synthetic video QA, a tiny VLM through a short
@@ -80,6 +81,18 @@ def _train(args: argparse.Namespace) -> int:
         line += f", final loss {final:.4f}"
     if acc is not None:
         line += f", held-out accuracy {acc:.3f}"
+    print(line)
+    return 0
+
+
+def _train_dllm(args: argparse.Namespace) -> int:
+    from jaxstack.train.dllm_trainer import DLLMTrainConfig, run_dllm_train
+
+    cfg = _job_config(DLLMTrainConfig, args.overrides)
+    summary = run_dllm_train(cfg, resume=not args.no_resume)
+    line = f"done: {summary.get('step')} steps, output in {summary.get('output_dir')}"
+    if summary.get("final_loss") is not None:
+        line += f", final loss {summary['final_loss']:.4f}"
     print(line)
     return 0
 
@@ -191,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     train.set_defaults(func=_train)
+
+    tdl = sub.add_parser(
+        "train-dllm", help="train a diffusion LLM, then compare Fast-dLLM samplers"
+    )
+    tdl.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
+    tdl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    tdl.set_defaults(func=_train_dllm)
 
     gen = sub.add_parser("generate", help="generate text from a transformers checkpoint")
     gen.add_argument("--model", required=True, help="transformers checkpoint directory")

@@ -27,6 +27,8 @@ from localhost_workers import start_workers, wait_workers
 from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import make_mesh, shard_model, use_mesh
 from jaxstack.parallel.sequence import (
+    _group_zigzag_order,
+    _resolve_ring,
     choose_mode,
     from_zigzag,
     sequence_parallel_attention,
@@ -43,6 +45,7 @@ from pallas_kernels.flash_attention import (
     get_block_fns,
     merge_partials,
 )
+from pallas_kernels.flash_attention.cudnn_blocks import dense_block_bwd, dense_block_fwd
 
 TOL = 1e-5
 # jitted once per static `causal` (eager op-by-op dispatch is slow on the shared CPU)
@@ -282,6 +285,77 @@ def test_sequence_parallel_matches_single_device(
         return back(out)
 
     _assert_close(_value_and_grads(fn, q, k, v, w), want, f"{mode} U={ulysses_size} {spec}")
+
+
+# Static-mask ring (whole blocks; the dense twins of the cuDNN blocks on CPU): zigzag causal,
+# contiguous causal and bidirectional ("full": the same for every layout), ring and 2D (the 2D zigzag cases reorder the Ulysses
+# group's sequence into the ring's zigzag halves), GQA everywhere.
+STATIC_CASES = [
+    ("ring", None, "sequence=8", True, "zigzag"),
+    ("2d", 2, "sequence=8", True, "zigzag"),  # 4 ring groups x 2 Ulysses
+    ("2d", 4, "sequence=8", False, "contiguous"),  # 2 ring groups x 4 Ulysses
+    ("ring", None, "data=2,sequence=4", True, "contiguous"),  # batch sharded too
+]
+
+
+@pytest.mark.parametrize("mode,ulysses_size,spec,causal,layout", STATIC_CASES)
+def test_static_ring_matches_single_device(mode, ulysses_size, spec, causal, layout):
+    (q, k, v, w, _), want = _single_device(causal, False)
+    mesh = _mesh(spec)
+    sp = mesh.shape["sequence"]
+    zig = layout == "zigzag"
+    fwd = (lambda x: to_zigzag(x, 1, sp)) if zig else (lambda x: x)
+    back = (lambda x: from_zigzag(x, 1, sp)) if zig else (lambda x: x)
+
+    def fn(q, k, v):
+        out = sequence_parallel_attention(
+            fwd(q),
+            fwd(k),
+            fwd(v),
+            mesh=mesh,
+            mode=mode,
+            causal=causal,
+            ulysses_size=ulysses_size,
+            layout=layout,
+            implementation="dense",
+        )
+        return back(out)
+
+    text = str(jax.make_jaxpr(fn)(q, k, v))
+    assert "ppermute" in text and ("cond" in text) == causal, "not the static-mask ring"
+    _assert_close(_value_and_grads(fn, q, k, v, w), want, f"static {mode} U={ulysses_size} {spec}")
+
+
+def test_static_ring_selection_and_blocks():
+    """Which ring runs, the Ulysses-group reorder, and the dense whole-block twins."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    assert _resolve_ring("dense", f32, True, "zigzag", False) == ("zigzag", "dense")
+    assert _resolve_ring("cudnn", bf16, False, "contiguous", False) == ("full", "cudnn")
+    assert _resolve_ring("reference", f32, True, "zigzag", False) == (None, "reference")
+    assert _resolve_ring(None, f32, True, "zigzag", True) == (None, None)
+    if jax.default_backend() != "gpu":
+        assert _resolve_ring(None, f32, True, "contiguous", False) == ("contiguous", "dense")
+    with pytest.raises(ValueError, match="static-mask ring"):
+        _resolve_ring("dense", f32, True, "zigzag", True)
+    # P = 2 ring groups x U = 2: group 0 holds chunks [0, 7, 1, 6] -> [0, 1, 6, 7]
+    perm = zigzag_permutation(16, 4)
+    group0 = perm[:8][_group_zigzag_order(8, 2)]
+    np.testing.assert_array_equal(group0, [0, 1, 2, 3, 12, 13, 14, 15])
+    np.testing.assert_array_equal(perm[8:][_group_zigzag_order(8, 2)], np.arange(4, 12))
+    # dense twins == the positional reference on local indices (rectangular, no mask)
+    q, k, v, w = _qkv(21, 1, 8, 4, 2, 8)
+    pos = jnp.arange(8, dtype=jnp.int32)
+    dense_fwd = jax.jit(dense_block_fwd, static_argnames="causal")
+    dense_bwd = jax.jit(dense_block_bwd, static_argnames="causal")
+    out, lse = dense_fwd(q, k[:, :4], v[:, :4], causal=False)
+    want = _fwd(q, k[:, :4], v[:, :4], q_positions=pos, kv_positions=pos[:4], causal=False)
+    np.testing.assert_allclose(out, want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse, want[1], rtol=1e-6, atol=1e-6)
+    out, lse = dense_fwd(q, k, v, causal=True)
+    grads = dense_bwd(q, k, v, out, lse, w, causal=True)
+    want = _bwd(q, k, v, out, lse, w, q_positions=pos, kv_positions=pos, causal=True)
+    for g, wg in zip(grads, want):
+        np.testing.assert_allclose(g, wg, rtol=1e-6, atol=1e-6)
 
 
 def test_sequence_parallel_errors():

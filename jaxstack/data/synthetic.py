@@ -49,3 +49,40 @@ def score_arithmetic(prompt: str, generated: str) -> bool:
         raise ValueError(f"not an arithmetic prompt: {prompt!r}")
     answer = _ANSWER_RE.match(generated)
     return answer is not None and int(answer.group(1)) == int(m.group(1)) + int(m.group(2))
+
+
+# -- sorting (fixed-length prompts and answers, for diffusion LLMs) -------------------------------
+
+_SORT_PREFIX = "sort: "
+
+
+def make_sorting_record(rng: random.Random, count: int, max_value: int = 99) -> dict[str, str]:
+    """One sorting problem: `count` integers in [0, max_value], zero-padded to a fixed width.
+
+    {"prompt": "sort: 42 07 93\\n", "response": "07 42 93"}. Every prompt of a given (count,
+    max_value) has the same length, and so has every answer, so a batch needs no padding.
+    """
+    if count < 1 or max_value < 1:
+        raise ValueError(f"need count >= 1 and max_value >= 1, got {count}, {max_value}")
+    width = len(str(max_value))
+    values = [rng.randint(0, max_value) for _ in range(count)]
+    fmt = lambda vs: " ".join(f"{v:0{width}d}" for v in vs)
+    return {"prompt": f"{_SORT_PREFIX}{fmt(values)}\n", "response": fmt(sorted(values))}
+
+
+def make_sorting_records(
+    n: int, seed: int = 0, count: int = 16, max_value: int = 99
+) -> list[dict[str, str]]:
+    """`n` sorting problems, deterministic per (seed, count, max_value)."""
+    rng = random.Random(f"sorting:{seed}:{count}:{max_value}")
+    return [make_sorting_record(rng, count, max_value) for _ in range(n)]
+
+
+def score_sorting(prompt: str, generated: str) -> bool:
+    """True when `generated` (leading/trailing whitespace ignored) is exactly the prompt's
+    numbers in ascending order, written as in the prompt. Raises ValueError on a non-sorting
+    prompt."""
+    if not prompt.startswith(_SORT_PREFIX):
+        raise ValueError(f"not a sorting prompt: {prompt!r}")
+    items = prompt[len(_SORT_PREFIX) :].split()
+    return generated.strip() == " ".join(sorted(items, key=int))

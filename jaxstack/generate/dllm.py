@@ -7,9 +7,10 @@ prompt, block by block (semi-autoregressive). Per block [s, e) of `block_length`
 * step 0 is one full forward over the whole sequence. With a cache it also (re)builds the
   per-layer K/V cache (post-RoPE K, absolute positions); it counts as one NFE.
 * then, while the block still holds a [MASK] (`lax.while_loop`), one more forward per step:
-  cache=None: the full sequence again; cache="prefix": the queries x[s:] against the cached
-  K/V of positions < s; cache="dual": only the block's tokens, whose fresh K/V replace slots
-  [s, e) of the cache before they attend to the whole cache (stale suffix [MASK] K/V included).
+  cache=None: the full sequence again; cache="prefix": the queries x[s:] (in a bucketed
+  window, see below) against the cached K/V of positions < s; cache="dual": only the block's
+  tokens, whose fresh K/V replace slots [s, e) of the cache before they attend to the whole
+  cache (stale suffix [MASK] K/V included).
 * each step predicts x_hat (argmax, or Gumbel-max at temperature T > 0) and a confidence c
   (softmax probability of x_hat, or U(0, 1) for remasking="random") for the block's masked
   positions, then commits: the k_i most confident (k_i = n // s_b + [i < n % s_b], s_b = steps
@@ -28,9 +29,12 @@ reference's precision; tests enable it), else float32. NFE = sum over blocks of 
 steps), tokens_per_step = gen_length / NFE; the batch shares its forwards, so NFE counts the
 steps until every row's block is full.
 
-Static shapes: the block index is a runtime value for cache=None and "dual" (one compiled
-block program); "prefix" queries have length L_total - s, so that program compiles once per
-block index. Blocks run from a Python loop; each block is one jitted call.
+Static shapes: the block start s is a runtime value in every mode; cache=None and "dual"
+compile one block program. "prefix" queries x[s:] (length L_total - s) run in a window of
+min(round_up(L_total - s, prefix_bucket), gen_length) slots, so it compiles at most
+ceil(gen_length / prefix_bucket) programs. Window slots >= L_total hold [MASK] ids, are masked
+out as keys (the cache gets the window's extra slots after the step-0 refresh) and their
+outputs are discarded. Blocks run from a Python loop; each block is one jitted call.
 """
 
 from __future__ import annotations
@@ -188,6 +192,7 @@ class _Static:
     mask_id: int
     kind: str
     cache_dtype: Any
+    cache_len: int  # K/V slots of the cached steps: L_total plus the prefix window padding
     trace: bool
 
 
@@ -235,16 +240,33 @@ def _positions(b: int, start, length: int) -> Array:
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "st", "prefix_start"))
-def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, prefix_start: int | None):
+def _prefix_window(rest: int, bucket: int, gen_length: int) -> int:
+    """Query window of a prefix-cache step with `rest` = L_total - s real query positions."""
+    return min(-(-rest // bucket) * bucket, gen_length)
+
+
+def _pad_cache(cache: KVCache, n: int) -> KVCache:
+    """Append n empty (masked-out) slots to every K/V buffer."""
+    if n == 0:
+        return cache
+
+    def pad(a):
+        return jnp.pad(a, [(0, 0), (0, n)] + [(0, 0)] * (a.ndim - 2))
+
+    return dataclasses.replace(
+        cache, k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)), kv_mask=pad(cache.kv_mask)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "st", "window"))
+def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | None):
     """One block: refresh forward (step 0) then the while-loop of cached/uncached steps.
 
+    window: the prefix-cache query window length (cache="prefix" only).
     Returns (x, nfe, block_nfe, trace_logits-or-None)."""
     model = nnx.merge(graphdef, state)
     b, total = x.shape
     bk, shift = st.block_length, st.kind == "dream"
-    if prefix_start is not None:
-        s = jnp.asarray(prefix_start, jnp.int32)
 
     # k_i schedule from the block's masks at block start (Dream: step 0 commits one token).
     n0 = jnp.sum(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id, axis=1)
@@ -266,6 +288,7 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, prefix_start: in
     else:
         empty = KVCache.init(model.cfg, b, total, dtype=st.cache_dtype)
         logits, cache = model.decode_step(empty, x, positions=_positions(b, 0, total))
+        cache = _pad_cache(cache, st.cache_len - total)
     first = _block_logits_full(logits, s, bk, shift)
     x = _commit(x, first, s, nfe, sched_at(0), st, key, is_first=True)
     trace_logits = jax.lax.dynamic_slice_in_dim(logits, s, bk, axis=1) if st.trace else None
@@ -275,8 +298,11 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, prefix_start: in
             return _block_logits_full(model(x), s, bk, shift)
         at_s = dataclasses.replace(cache, index=s)
         if st.cache == "prefix":
-            q = x[:, prefix_start:]
-            out, _ = model.decode_step(at_s, q, positions=_positions(b, s, total - prefix_start))
+            pad = st.cache_len - total
+            q = jnp.pad(x, ((0, 0), (0, pad)), constant_values=st.mask_id)
+            q = jax.lax.dynamic_slice_in_dim(q, s, window, axis=1)
+            pos = _positions(b, s, window)
+            out, _ = model.decode_step(at_s, q, positions=pos, input_mask=pos < total)
         else:
             q = jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1)
             out, _ = model.decode_step(at_s, q, positions=_positions(b, s, bk), visible_len=total)
@@ -317,6 +343,7 @@ def dllm_generate(
     kind: str = "llada",
     seed: int = 0,
     cache_dtype: Any = None,
+    prefix_bucket: int = 128,
     trace: bool = False,
 ) -> DLLMOutput:
     """Generate `gen_length` tokens after each prompt with a diffusion LLM.
@@ -328,6 +355,10 @@ def dllm_generate(
     temperature: Gumbel-max temperature (0 = argmax); remasking: "low_confidence" | "random".
     mask_id: the [MASK] id; kind: "llada" | "dream" (logit shift). seed: PRNG seed of the
     sampling noise. cache_dtype: K/V cache dtype (default the model's compute dtype).
+    prefix_bucket (cache="prefix"): the cached steps' query window x[s:] is rounded up to a
+    multiple of prefix_bucket (at most gen_length), so at most ceil(gen_length / prefix_bucket)
+    block programs compile; padded window slots never affect the result. prefix_bucket =
+    block_length gives one unpadded program per block.
     trace: also return each block's start state and step-0 block logits (tests, debugging).
     """
     prompt = jnp.asarray(prompt_ids, jnp.int32)
@@ -351,8 +382,15 @@ def dllm_generate(
         raise ValueError(f"unknown diffusion LLM kind {kind!r}; choose from {KINDS}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if prefix_bucket <= 0:
+        raise ValueError(f"prefix_bucket must be positive, got {prefix_bucket}")
     b, lp = prompt.shape
     total = lp + gen_length
+    starts = [lp + blk * block_length for blk in range(num_blocks)]
+    windows, cache_len = [None] * num_blocks, total
+    if cache == "prefix":
+        windows = [_prefix_window(total - s, prefix_bucket, gen_length) for s in starts]
+        cache_len = max(s + w for s, w in zip(starts, windows, strict=True))
     st = _Static(
         prompt_len=lp,
         total_len=total,
@@ -366,6 +404,7 @@ def dllm_generate(
         mask_id=int(mask_id),
         kind=kind,
         cache_dtype=jnp.dtype(model.dtype if cache_dtype is None else cache_dtype),
+        cache_len=cache_len,
         trace=trace,
     )
     graphdef, state = nnx.split(model)
@@ -373,18 +412,10 @@ def dllm_generate(
     key = jax.random.key(seed)
     nfe = jnp.zeros((), jnp.int32)
     per_block, traces = [], []
-    for blk in range(num_blocks):
-        s = lp + blk * block_length
+    for s, window in zip(starts, windows, strict=True):
         x_start = x
         x, nfe, block_nfe, logits0 = _run_block(
-            graphdef,
-            state,
-            x,
-            key,
-            nfe,
-            jnp.asarray(s, jnp.int32),
-            st=st,
-            prefix_start=s if cache == "prefix" else None,
+            graphdef, state, x, key, nfe, jnp.asarray(s, jnp.int32), st=st, window=window
         )
         per_block.append(block_nfe)
         if trace:

@@ -34,12 +34,14 @@ import os
 import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxstack.hf.errors import CheckpointError
-from jaxstack.hf.llm import hf_key_for, load_weights
-from jaxstack.hf.llm_config import config_from_hf, read_hf_config
+from jaxstack.hf.llm import hf_key_for, load_weights, save_model
+from jaxstack.hf.llm_config import config_from_hf, config_to_hf, read_hf_config
 from jaxstack.models.dllm import DREAM_MASK_ID, LLADA_MASK_ID, DLLMConfig
 from jaxstack.models.llm import LLM, LLMConfig
 
@@ -200,3 +202,54 @@ def load_dllm(
         path, dcfg.llm, key_for=key_for, dtype=dtype, param_dtype=param_dtype, mesh=mesh
     )
     return model, dcfg
+
+
+def llada_config_to_hf(dcfg: DLLMConfig, *, dtype: str = "float32") -> dict[str, Any]:
+    """LLaDA config.json fields (OLMo style) describing `dcfg` (inverse of llada_config_from_hf)."""
+    c = dcfg.llm
+    if c.head_dim * c.num_heads != c.hidden_size or c.attention_bias or c.qk_norm:
+        raise ValueError("the LLaDA layout needs head_dim * heads == d_model and no biases/qk-norm")
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "d_model": c.hidden_size,
+        "n_heads": c.num_heads,
+        "n_kv_heads": c.num_kv_heads,
+        "n_layers": c.num_layers,
+        "mlp_hidden_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+        "embedding_size": c.vocab_size,
+        "rope": True,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_sequence_length": c.max_position_embeddings,
+        "weight_tying": c.tie_word_embeddings,
+        "include_bias": False,
+        "activation_type": "silu",
+        "block_type": "llama",
+        "mask_token_id": dcfg.mask_id,
+        "eos_token_id": dcfg.eos_id,
+        "pad_token_id": dcfg.pad_id,
+        "torch_dtype": dtype,
+    }
+
+
+def save_dllm(model: LLM, dcfg: DLLMConfig, path: str | os.PathLike, *, dtype: Any = None) -> None:
+    """Write a diffusion LLM in its released layout (LLaDA or Dream), loadable by `load_dllm`.
+
+    dtype: storage dtype of the safetensors (default each parameter's own)."""
+    first = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    store = jnp.dtype(first.dtype if dtype is None else dtype).name
+    if dcfg.kind == "llada":
+        hf = llada_config_to_hf(dcfg, dtype=store)
+        save_model(model, path, dtype=dtype, key_for=llada_key_for, hf_config=hf)
+        return
+    hf = config_to_hf(dataclasses.replace(dcfg.llm, causal=True), dtype=store)
+    hf.update(
+        architectures=["DreamModel"],
+        model_type="Dream",
+        mask_token_id=dcfg.mask_id,
+        eos_token_id=dcfg.eos_id,
+        pad_token_id=dcfg.pad_id,
+    )
+    save_model(model, path, dtype=dtype, hf_config=hf)

@@ -237,11 +237,13 @@ def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
-def _tensors(model: LLM, dtype: Any) -> list[tuple[str, tuple, np.dtype, Callable]]:
+def _tensors(
+    model: LLM, dtype: Any, key_for: Callable[[str], tuple[str, bool]] = hf_key_for
+) -> list[tuple[str, tuple, np.dtype, Callable]]:
     """(HF key, HF shape, dtype, () -> host array) for every tensor of the HF layout."""
     out = []
     for path, var in _params(nnx.state(model, nnx.Param)):
-        key, transpose = hf_key_for(path)
+        key, transpose = key_for(path)
         array = var.get_value()
         np_dtype = np.dtype(array.dtype if dtype is None else dtype)
         shape = tuple(array.shape[::-1] if transpose else array.shape)
@@ -252,7 +254,8 @@ def _tensors(model: LLM, dtype: Any) -> list[tuple[str, tuple, np.dtype, Callabl
 
         out.append((key, shape, np_dtype, get))
     cfg = model.cfg
-    if cfg.architecture == "qwen2" and not cfg.attention_bias:  # HF Qwen2 always has biases
+    qwen2_layout = key_for is hf_key_for and cfg.architecture == "qwen2"
+    if qwen2_layout and not cfg.attention_bias:  # HF Qwen2 always has biases
         bias_dtype = out[0][2]
         sizes = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads, "v_proj": cfg.num_kv_heads}
         for i in range(cfg.num_layers):
@@ -269,9 +272,13 @@ def save_model(
     *,
     dtype: Any = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    key_for: Callable[[str], tuple[str, bool]] = hf_key_for,
+    hf_config: dict | None = None,
 ) -> None:
     """Write `model` as a transformers checkpoint (config.json + safetensors) into `path`.
 
+    key_for / hf_config: another layout's tensor names and config.json (default: the
+    transformers class of the architecture; `jaxstack.hf.dllm.save_dllm` writes LLaDA's).
     dtype: storage dtype of the files (e.g. jnp.bfloat16); default each parameter's own dtype.
     Files above max_shard_bytes are split into model-0000i-of-0000N.safetensors plus
     model.safetensors.index.json. Earlier safetensors files in `path` are replaced. With
@@ -279,8 +286,10 @@ def save_model(
     only process 0 writes.
     """
     path = os.fspath(path)
-    tensors = _tensors(model, dtype)
-    hf_cfg = config_to_hf(model.cfg, dtype=tensors[0][2].name)
+    tensors = _tensors(model, dtype, key_for)
+    hf_cfg = (
+        hf_config if hf_config is not None else config_to_hf(model.cfg, dtype=tensors[0][2].name)
+    )
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)

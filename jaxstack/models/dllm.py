@@ -62,7 +62,8 @@ class DLLMConfig:
 
     @classmethod
     def preset(cls, name: str) -> DLLMConfig:
-        """Published sizes by name: "llada-8b", "dream-7b", "tiny-llada", "tiny-dream"."""
+        """By name: "llada-8b", "dream-7b" (published sizes), "llada-100m", "llada-small"
+        (trainable here with the byte tokenizer), "tiny-llada", "tiny-dream" (tests)."""
         key = name.lower()
         if key not in DLLM_PRESETS:
             raise ValueError(
@@ -102,6 +103,28 @@ def _llada_8b() -> DLLMConfig:
     )
 
 
+def _llada_byte(d: int, layers: int, heads: int, ffn: int) -> DLLMConfig:
+    # LLaDA-architecture models for training here on synthetic tasks with the byte tokenizer
+    # (ids 0..262) plus [MASK] = 263.
+    llm = LLMConfig(
+        architecture="llama",
+        vocab_size=264,
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        causal=False,
+        max_position_embeddings=4096,
+    )
+    return DLLMConfig(llm=llm, kind="llada", mask_id=263, eos_id=258, pad_id=258)
+
+
 def _dream_7b() -> DLLMConfig:
     # Dream-v0-7B is Qwen2.5-7B-derived (dims assumed to be Qwen2.5-7B's; rope_theta taken
     # from Qwen2.5-7B, unverified: a real checkpoint's config.json wins when loaded).
@@ -112,6 +135,8 @@ def _dream_7b() -> DLLMConfig:
 DLLM_PRESETS: dict[str, Callable[[], DLLMConfig]] = {
     "llada-8b": _llada_8b,
     "dream-7b": _dream_7b,
+    "llada-100m": functools.partial(_llada_byte, 768, 12, 12, 2560),  # 99M parameters
+    "llada-small": functools.partial(_llada_byte, 128, 4, 4, 384),  # 0.9M, CPU minutes
     "tiny-llada": functools.partial(_tiny, "llada"),
     "tiny-dream": functools.partial(_tiny, "dream"),
 }

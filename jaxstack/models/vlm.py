@@ -11,6 +11,12 @@ placeholder (`media_token_id`) positions with `merge_multimodal`.
 the frames inside `shard_map` (each device only sees its own pixels); only projected tokens are
 combined for the temporal pooling.
 
+Long-video prompts with sequence parallelism (LongVILA MM-SP, `jaxstack.parallel.multimodal`):
+`plan_video_prompt` splits the temporal-pooling groups over the mesh's `sequence` axis,
+`encode_video_groups_sp` encodes each device's own groups once, and `video_prompt_logits_sp` /
+`video_prompt_loss_sp` route the visual tokens to their sequence shards and run the LLM with
+sequence-parallel attention.
+
 Shapes: N images/frames, T frames, G = ceil(T / frames_per_group) groups, n tokens per frame
 after the projector (= ceil(grid/2)^2), D LLM hidden size, B batch, L text length, V vocab.
 """
@@ -24,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -38,6 +45,7 @@ from jaxstack.models.nvila_connector import (
 )
 from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower, siglip_config
 from jaxstack.parallel.mesh import use_mesh
+from jaxstack.parallel.multimodal import MMShardPlan, plan_mm_sharding, shard_multimodal_embeddings
 from jaxstack.parallel.sequence import _shard_map
 
 Array = jax.Array
@@ -329,12 +337,168 @@ def frame_tokens(
     return fn(state, frames_thwc)[:t]
 
 
+# -- multimodal sequence parallelism (LongVILA MM-SP) for one long-video prompt -------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VideoSPPlan:
+    """Static sharding of one video prompt over the `sequence` axis (see `plan_video_prompt`).
+
+    mm: the token routing; its units are temporal-pooling groups (frames_per_group frames ->
+        tokens_per_frame tokens), split over the devices at group boundaries.
+    input_ids: int32 [S], the prompt's ids with each group's separator placeholder replaced by
+        `separator_token_id` (separators are embedded like text on their storage device).
+    frame_index: int32 [P * U, frames_per_group]: global frame (over the concatenated videos)
+        of each frame slot of each device's group slots, -1 for padding.
+    """
+
+    mm: MMShardPlan
+    input_ids: np.ndarray
+    frame_index: np.ndarray
+
+
+def plan_video_prompt(
+    cfg: VLMConfig,
+    input_ids: np.ndarray,
+    frame_counts: Sequence[int],
+    sp: int,
+    *,
+    layout: str = "contiguous",
+    method: str = "all_to_all",
+) -> VideoSPPlan:
+    """Plan for a prompt whose placeholders hold `len(frame_counts)` videos, in order.
+
+    input_ids: int [S] or [1, S] (host array); video v of frame_counts[v] frames fills
+    `cfg.video_length(frame_counts[v])` consecutive placeholders (`media_token_id`), as
+    `encode_video` output: per group tokens_per_frame tokens then one separator.
+    """
+    ids = np.asarray(input_ids).reshape(-1).astype(np.int32)
+    n, k = cfg.tokens_per_frame, cfg.frames_per_group
+    media = np.flatnonzero(ids == cfg.media_token_id)
+    want = sum(cfg.video_length(f) for f in frame_counts)
+    if media.size != want:
+        raise ValueError(f"{media.size} media placeholders but the videos need {want}")
+    is_sep = np.arange(media.size) % (n + 1) == n
+    ids = ids.copy()
+    ids[media[is_sep]] = cfg.separator_token_id
+    visual = np.zeros(ids.shape[0], bool)
+    visual[media[~is_sep]] = True
+    groups = []  # global frame index lists, one per group
+    first = 0
+    for f in frame_counts:
+        groups += [list(range(first + g, first + min(g + k, f))) for g in range(0, f, k)]
+        first += f
+    mm = plan_mm_sharding(visual, len(groups), n, sp, layout, method=method)
+    frame_index = np.full((mm.device_units.size, k), -1, np.int32)
+    for slot, g in enumerate(mm.unit_slots()):
+        if g >= 0:
+            frame_index[slot, : len(groups[g])] = groups[g]
+    return VideoSPPlan(mm=mm, input_ids=ids, frame_index=frame_index)
+
+
+def encode_video_groups_sp(
+    model: NVILA, frames_thwc: Array, plan: VideoSPPlan, mesh: Mesh, *, axis: str = "sequence"
+) -> Array:
+    """Pooled group tokens [P * U, tokens_per_frame, D] in device-slot order, sharded over
+    `axis`: device d runs the tower + projector only on the frames of its own groups (each
+    frame once) and averages them per group, as `temporal_pool`.
+
+    frames_thwc: [T, H, W, 3], all videos' frames concatenated. They are arranged into the
+    plan's frame slots ([P * U * frames_per_group], padding repeats frame 0 and is masked out)
+    and split over `axis`; with a multi-host loader each device would load only its slots.
+    """
+    k = plan.frame_index.shape[1]
+    idx = plan.frame_index.reshape(-1)
+    valid = jnp.asarray(idx >= 0)
+    frames = jnp.take(frames_thwc, jnp.asarray(np.maximum(idx, 0)), axis=0)
+    counts = jnp.asarray(np.maximum((plan.frame_index >= 0).sum(1), 1).astype(np.float32))
+    graphdef, state = nnx.split((model.vision_tower, model.projector))
+    freeze = model.cfg.freeze_vision
+
+    def local(state_l, frames_l, valid_l, counts_l):
+        tower_l, projector_l = nnx.merge(graphdef, state_l)
+        with use_mesh(None):  # per-device code
+            feats = tower_l(frames_l)
+            if freeze:
+                feats = jax.lax.stop_gradient(feats)
+            tokens = projector_l(tokens_to_map(feats))  # [U * k, n, D]
+        x32 = jnp.where(valid_l[:, None, None], tokens.astype(jnp.float32), 0.0)
+        sums = x32.reshape(-1, k, *x32.shape[1:]).sum(axis=1)
+        return (sums / counts_l[:, None, None]).astype(tokens.dtype)
+
+    spec = P(axis)
+    fn = _shard_map(local, mesh, in_specs=(P(), spec, spec, spec), out_specs=spec)
+    return fn(state, frames, valid, counts)
+
+
+def video_prompt_logits_sp(
+    model: NVILA, frames_thwc: Array, plan: VideoSPPlan, mesh: Mesh, *, axis: str = "sequence"
+) -> tuple[Array, Array]:
+    """Logits of one long-video prompt with multimodal sequence parallelism.
+
+    Frames are encoded once, split over the `sequence` axis at group boundaries
+    (`encode_video_groups_sp`); visual tokens move to their sequence shards by
+    `shard_multimodal_embeddings`; the LLM runs with sequence-parallel attention (mode from
+    `use_sequence_parallel`) on the [1, S_pad] sequence at the layout's global positions.
+    Returns (logits [1, S_pad, V] in storage order, sharded over `axis`; positions int32
+    [1, S_pad]). `plan.mm.from_layout(logits)` gives the [1, S, V] logits of the unsharded
+    forward `model(input_ids, media)`. Needs the "contiguous" layout (the LLM's attention
+    runs sequence parallelism in that layout).
+    """
+    if plan.mm.layout != "contiguous":
+        raise ValueError("the LLM's sequence-parallel attention uses the contiguous layout")
+    groups = encode_video_groups_sp(model, frames_thwc, plan, mesh, axis=axis)
+    embeds, positions = shard_multimodal_embeddings(
+        groups, plan.input_ids, model.llm.embed, plan.mm, mesh, axis=axis
+    )
+    with use_mesh(mesh):
+        logits = model.llm(inputs_embeds=embeds, positions=positions)
+    return logits, positions
+
+
+def video_prompt_lm_loss(
+    logits: Array, plan: VideoSPPlan, targets: Array, loss_mask: Array
+) -> Array:
+    """Mean cross-entropy over `loss_mask` of storage-order logits [1, S_pad, V].
+
+    targets int [S], loss_mask [S] are in position order (as for the unsharded logits); they
+    are moved to storage order by the plan (padding slots get weight 0).
+    """
+    tgt = plan.mm.to_layout(jnp.asarray(targets).reshape(-1))[None]
+    w = plan.mm.to_layout(jnp.asarray(loss_mask).reshape(-1).astype(jnp.float32))[None]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def video_prompt_loss_sp(
+    model: NVILA,
+    frames_thwc: Array,
+    plan: VideoSPPlan,
+    targets: Array,
+    loss_mask: Array,
+    mesh: Mesh,
+    *,
+    axis: str = "sequence",
+) -> Array:
+    """`video_prompt_lm_loss` of `video_prompt_logits_sp` (targets, loss_mask [S], position
+    order)."""
+    logits, _ = video_prompt_logits_sp(model, frames_thwc, plan, mesh, axis=axis)
+    return video_prompt_lm_loss(logits, plan, targets, loss_mask)
+
+
 __all__ = [
     "NVILA",
     "PRESETS",
     "VLMConfig",
+    "VideoSPPlan",
     "encode_video",
+    "encode_video_groups_sp",
     "frame_tokens",
     "init_nvila",
+    "plan_video_prompt",
     "trainable_filter",
+    "video_prompt_lm_loss",
+    "video_prompt_logits_sp",
+    "video_prompt_loss_sp",
 ]

@@ -10,7 +10,16 @@ the mesh's `sequence` axis. `sequence_parallel_attention` runs one of:
   travel around the ring with `ppermute`; partial results are merged online by log-sum-exp.
   The backward pass is a second ring pass (custom_vjp) that uses the global output and
   log-sum-exp: dq accumulates locally, dk/dv travel with their blocks and arrive home after P
-  steps. The per-block math is `pallas_kernels.flash_attention` (GPU kernel or reference).
+  steps. Two rings:
+  * the static-mask ring, for the common case without segment ids (causal in the zigzag or
+    contiguous layout, or bidirectional in any layout): every step is one whole-block call
+    with a static mask kind (causal on the own block, otherwise no mask on a whole block or
+    a half of it, or nothing), picked at run time by `lax.cond` on the ring step and axis
+    index. Its blocks are cuDNN flash attention with explicit softmax statistics on GPU
+    (bf16/fp16), or their dense float32 twins elsewhere
+    (`pallas_kernels.flash_attention.cudnn_blocks`);
+  * the general ring (token positions and segment ids travel with K/V), whose per-block
+    math is `pallas_kernels.flash_attention` (GPU kernel or reference), for everything else.
 - "2d": the P = R x U sequence devices form R ring groups of U consecutive devices (Ulysses
   inside a node, ring across nodes, as LongVILA's `use_ulysses_low`): all_to_all inside each
   Ulysses group, ring attention across the groups, all_to_all back.
@@ -100,7 +109,8 @@ class SequenceParallelOptions:
     mode: "auto" (Ulysses when the query heads divide by the sequence size, else 2D with the
     largest Ulysses group the heads allow, else ring), or one of MODES.
     ulysses_size: Ulysses group size for "2d" (default: chosen as in "auto").
-    implementation: block-kernel implementation for the ring (None = best available).
+    implementation: block implementation for the ring (None = best available; "cudnn" /
+    "dense" force the static-mask ring, "reference" / "pallas_triton" the general ring).
     """
 
     mode: str = "auto"
@@ -304,6 +314,238 @@ def ring_attention_shard(
     )
 
 
+# -- static-mask ring (whole blocks, cuDNN or dense) -------------------------------------------
+
+# Block kinds of the static-mask ring: what a KV block from rank j does to rank r's queries.
+#   "full": bidirectional, any layout: every step is a whole no-mask block.
+#   "zigzag": causal in the zigzag layout (local sequence = [chunk r, chunk 2P-1-r]):
+#       j == r: top-left causal on the local concatenation;
+#       j <  r: all local queries vs the first half of the KV block, no mask;
+#       j >  r: the second half of the local queries vs the whole KV block, no mask.
+#   "contiguous": causal in the contiguous layout: j == r causal, j < r whole block no mask,
+#       j > r nothing.
+STATIC_KINDS = ("full", "zigzag", "contiguous")
+# implementation names that select the static-mask ring and its block functions
+STATIC_IMPLEMENTATIONS = ("cudnn", "dense")
+
+
+def _static_block_fns(implementation: str):
+    """(fwd, bwd) whole-block functions `(q, k, v, *, causal, scale)` of a static ring."""
+    from pallas_kernels.flash_attention import cudnn_blocks
+
+    if implementation == "cudnn":
+        return cudnn_blocks.cudnn_block_fwd, cudnn_blocks.cudnn_block_bwd
+    if implementation == "dense":
+        return cudnn_blocks.dense_block_fwd, cudnn_blocks.dense_block_bwd
+    raise ValueError(f"no static-ring blocks {implementation!r}; choose {STATIC_IMPLEMENTATIONS}")
+
+
+def static_ring_kind(causal: bool, layout: str, has_segments: bool) -> str | None:
+    """The static ring's block kind for this case, or None when only the general ring fits."""
+    if has_segments:
+        return None
+    if not causal:
+        return "full"
+    return layout if layout in ("zigzag", "contiguous") else None
+
+
+def _f32(x: Array) -> Array:
+    return x.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _static_ring(q, k, v, axis_name, size, kind, scale, implementation):
+    return _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation)[0]
+
+
+def _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation):
+    fwd, _ = _static_block_fns(implementation)
+    c = q.shape[1] // 2
+    rank = lax.axis_index(axis_name)
+
+    def merge(out, lse, out_i, lse_i):
+        return merge_partials(out, lse, _f32(out_i), lse_i)
+
+    def whole(out, lse, k_, v_):
+        return merge(out, lse, *fwd(q, k_, v_, causal=False, scale=scale))
+
+    def visit(s, out, lse, kv):
+        """Merge the KV block that arrived at ring step s >= 1 (from rank `rank - s`)."""
+        k_, v_ = kv
+        if kind == "full":
+            return whole(out, lse, k_, v_)
+        earlier = s <= rank  # the block comes from rank j = rank - s >= 0, i.e. j < rank
+        if kind == "contiguous":
+            return lax.cond(earlier, lambda: whole(out, lse, k_, v_), lambda: (out, lse))
+
+        def early():  # all queries vs the KV block's first chunk
+            return merge(out, lse, *fwd(q, k_[:, :c], v_[:, :c], causal=False, scale=scale))
+
+        def late():  # the second query chunk vs the whole KV block
+            o2, l2 = merge(
+                out[:, c:], lse[..., c:], *fwd(q[:, c:], k_, v_, causal=False, scale=scale)
+            )
+            return (
+                jnp.concatenate([out[:, :c], o2], axis=1),
+                jnp.concatenate([lse[..., :c], l2], axis=-1),
+            )
+
+        return lax.cond(earlier, early, late)
+
+    def step(carry, s):
+        out, lse, kv = carry
+        next_kv = _rotate(kv, axis_name, size)  # independent of this block's compute: overlaps
+        out, lse = visit(s, out, lse, kv)
+        return (out, lse, next_kv), None
+
+    kv = (k, v)
+    out, lse = fwd(q, k, v, causal=kind != "full", scale=scale)
+    out = _f32(out)
+    if size > 1:
+        kv = _rotate(kv, axis_name, size)
+        if size > 2:
+            steps = jnp.arange(1, size - 1, dtype=jnp.int32)
+            (out, lse, kv), _ = lax.scan(step, (out, lse, kv), steps)
+        out, lse = visit(size - 1, out, lse, kv)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, out, lse)
+
+
+def _static_ring_bwd(axis_name, size, kind, scale, implementation, res, dout):
+    q, k, v, out, lse = res
+    _, bwd = _static_block_fns(implementation)
+    c = q.shape[1] // 2
+    rank = lax.axis_index(axis_name)
+
+    def add(acc, grads):
+        return tuple(a + _f32(g) for a, g in zip(acc, grads))
+
+    def whole(acc, k_, v_):
+        return add(acc, bwd(q, k_, v_, out, lse, dout, causal=False, scale=scale))
+
+    def visit(s, acc, kv):
+        """Add the gradients of the KV block held at ring step s >= 1 (from rank `rank - s`)."""
+        k_, v_ = kv
+        if kind == "full":
+            return whole(acc, k_, v_)
+        earlier = s <= rank
+        if kind == "contiguous":
+            return lax.cond(earlier, lambda: whole(acc, k_, v_), lambda: acc)
+
+        def early():
+            dq, dk, dv = acc
+            dq_i, dk_i, dv_i = bwd(
+                q, k_[:, :c], v_[:, :c], out, lse, dout, causal=False, scale=scale
+            )
+            return dq + _f32(dq_i), dk.at[:, :c].add(_f32(dk_i)), dv.at[:, :c].add(_f32(dv_i))
+
+        def late():
+            dq, dk, dv = acc
+            dq_i, dk_i, dv_i = bwd(
+                q[:, c:], k_, v_, out[:, c:], lse[..., c:], dout[:, c:], causal=False, scale=scale
+            )
+            return dq.at[:, c:].add(_f32(dq_i)), dk + _f32(dk_i), dv + _f32(dv_i)
+
+        return lax.cond(earlier, early, late)
+
+    # dq stays here; (dk, dv) travel with their KV block and arrive home after P hops.
+    acc = bwd(q, k, v, out, lse, dout, causal=kind != "full", scale=scale)
+    dq, dk, dv = (_f32(g) for g in acc)
+
+    def step(carry, s):
+        kv, dq, dkv = carry
+        next_kv = _rotate(kv, axis_name, size)  # KV does not depend on this step: overlaps
+        dq, *dkv = visit(s, (dq, *dkv), kv)
+        return (next_kv, dq, _rotate(tuple(dkv), axis_name, size)), None
+
+    if size > 1:
+        kv, dkv = _rotate(((k, v), (dk, dv)), axis_name, size)
+        if size > 2:
+            steps = jnp.arange(1, size - 1, dtype=jnp.int32)
+            (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), steps)
+        dq, dk, dv = visit(size - 1, (dq, *dkv), kv)
+        dk, dv = _rotate((dk, dv), axis_name, size)  # the P-th hop: home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_static_ring.defvjp(_static_ring_fwd, _static_ring_bwd)
+
+
+def static_ring_attention_shard(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    axis_name: str,
+    axis_size: int,
+    kind: str,
+    scale: float | None = None,
+    implementation: str = "cudnn",
+) -> Array:
+    """Ring attention whose steps are whole blocks with a static mask (inside shard_map).
+
+    q [B, T, Nq, H]; k, v [B, T, Nkv, H]: this device's tokens, no segment ids. kind (see
+    `STATIC_KINDS`): "full" (bidirectional, any layout), "zigzag" (causal; the local
+    sequence is [chunk r, chunk 2P-1-r] of the 2P chunks of the ring's sequence, each in
+    position order; T even) or "contiguous" (causal; rank r holds the r-th contiguous
+    block). implementation: "cudnn" (GPU, bf16/fp16) or "dense" (pure JAX, anywhere).
+    Returns [B, T, Nq, H] in q.dtype.
+    """
+    if kind not in STATIC_KINDS:
+        raise ValueError(f"unknown static ring kind {kind!r}; choose {STATIC_KINDS}")
+    if kind == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"zigzag static ring needs an even local length, got {q.shape[1]}")
+    return _static_ring(q, k, v, axis_name, axis_size, kind, scale, implementation)
+
+
+def _group_zigzag_order(local_len: int, ulysses_size: int) -> np.ndarray:
+    """int32 [local_len]: storage order that turns a Ulysses group's gathered zigzag sequence
+    into the ring's zigzag halves.
+
+    With a zigzag layout over P = R * U devices, Ulysses rank u of ring group g holds chunks
+    gU + u and 2P-1-gU-u; after the all_to_all the group's local sequence is those pairs in
+    u order. Its first chunks (u = 0..U-1) form ring chunk g and its second chunks in reverse
+    u order form ring chunk 2R-1-g, so `x[:, order]` is [ring chunk g, ring chunk 2R-1-g],
+    each in position order: the zigzag layout of the R-device ring.
+    """
+    c = local_len // (2 * ulysses_size)
+    first = [np.arange(u * 2 * c, u * 2 * c + c) for u in range(ulysses_size)]
+    second = [np.arange(u * 2 * c + c, (u + 1) * 2 * c) for u in reversed(range(ulysses_size))]
+    return np.concatenate(first + second).astype(np.int32)
+
+
+def _resolve_ring(
+    implementation: str | None, dtype, causal: bool, layout: str, has_segments: bool
+) -> tuple[str | None, str | None]:
+    """(static kind, static blocks) for the static ring, or (None, block implementation) for
+    the general ring.
+
+    implementation None: the static ring when the case allows it (no segment ids; causal with
+    the zigzag or contiguous layout, or bidirectional) with cuDNN blocks on GPU for bf16/fp16
+    inputs, dense blocks off GPU; otherwise the general ring with the best block kernel.
+    "cudnn" / "dense" force the static ring (error when the case does not allow it); the
+    general ring's names ("reference", "pallas_triton") force the general ring.
+    """
+    kind = static_ring_kind(causal, layout, has_segments)
+    if implementation in STATIC_IMPLEMENTATIONS:
+        if kind is None:
+            raise ValueError(
+                f"implementation {implementation!r} (static-mask ring) needs no segment ids and "
+                f"a bidirectional, zigzag or contiguous case; got causal={causal} "
+                f"layout={layout!r} segments={has_segments}"
+            )
+        return kind, implementation
+    if implementation is not None or kind is None:
+        return None, implementation
+    if jax.default_backend() == "gpu":
+        from pallas_kernels.flash_attention.cudnn_blocks import cudnn_available
+
+        if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cudnn_available():
+            return kind, "cudnn"
+        return None, None
+    return kind, "dense"
+
+
 # -- Ulysses pieces ---------------------------------------------------------------------------
 
 
@@ -392,7 +634,13 @@ def sequence_parallel_attention(
     ulysses_axis), Ulysses inner), or `ulysses_size` splits `ring_axis` into [ring, Ulysses]
     with Ulysses groups of consecutive devices (see the module docstring).
     Batch is kept sharded over "data"/"fsdp" and heads over "tensor" when those axes divide.
-    implementation: the ring's block kernel (None = GPU kernel when available, else reference).
+    implementation: the ring's blocks. None: the static-mask ring when the case allows it (no
+    segment ids; causal with a zigzag or contiguous layout, or bidirectional) with cuDNN
+    blocks on GPU for bf16/fp16 (dense blocks off GPU), else the general ring with the best
+    block kernel. "cudnn" / "dense" force the static-mask ring (error if the case does not
+    allow it); "reference" / "pallas_triton" force the general ring with that kernel.
+    In "2d" with the zigzag layout the Ulysses group's gathered sequence is reordered
+    locally into the ring's zigzag halves (`_group_zigzag_order`) and back.
     """
     if mode not in ("auto", *MODES):
         raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
@@ -434,6 +682,9 @@ def sequence_parallel_attention(
     seg_spec = P(b_spec, s_spec)
     has_seg = segment_ids is not None
     seg_in = segment_ids.astype(jnp.int32) if has_seg else jnp.zeros((b, s), jnp.int32)
+    static_kind, blocks = (None, implementation)
+    if r_axis is not None:
+        static_kind, blocks = _resolve_ring(implementation, q.dtype, causal, layout, has_seg)
 
     def body(q, k, v, pos, seg):
         seg = seg if has_seg else None
@@ -448,6 +699,25 @@ def sequence_parallel_attention(
                 seg = lax.all_gather(seg, u_axis, axis=1, tiled=True)
         if r_axis is None:
             out = _local_attention(q, k, v, seg, causal=causal, layout=layout, sp=sp, scale=scale)
+        elif static_kind is not None:
+            # After the Ulysses all_to_all the local sequence is the ring group's; in the zigzag
+            # layout it is reordered into the ring's [chunk g, chunk 2R-1-g] halves and back.
+            order = None
+            if static_kind == "zigzag" and u_axis is not None and sizes[u_axis] > 1:
+                order = _group_zigzag_order(q.shape[1], sizes[u_axis])
+                q, k, v = (jnp.take(x, order, axis=1) for x in (q, k, v))
+            out = static_ring_attention_shard(
+                q,
+                k,
+                v,
+                axis_name=r_axis,
+                axis_size=sizes[r_axis],
+                kind=static_kind,
+                scale=scale,
+                implementation=blocks,
+            )
+            if order is not None:
+                out = jnp.take(out, np.argsort(order).astype(np.int32), axis=1)
         else:
             out = ring_attention_shard(
                 q,
@@ -459,7 +729,7 @@ def sequence_parallel_attention(
                 axis_size=sizes[r_axis],
                 causal=causal,
                 scale=scale,
-                implementation=implementation,
+                implementation=blocks,
             )
         if u_axis is not None:
             out = _heads_to_seq(out, u_axis)

@@ -1,0 +1,466 @@
+"""Train a diffusion LLM on a task with checkable answers, then compare Fast-dLLM samplers.
+
+`jaxstack train-dllm [CONFIG] [k=v]` (`run_dllm_train(cfg)`) trains a LLaDA-style model with
+the masked-diffusion SFT objective (`jaxstack.models.dllm.diffusion_loss_sums`: prompt never
+masked, loss per answer token weighted by 1/p_mask) on the synthetic sorting task
+(`jaxstack.data.synthetic.make_sorting_record`; every prompt and answer has a fixed length, so
+batches need no padding and generation has static shapes). Answers are followed by EOS up to
+`data.gen_length`, as in LLaDA's SFT.
+
+After training it answers held-out prompts with each sampler in `eval.samplers` and writes,
+into `cfg.output_dir` (default `runs/<name>`): config.yaml, metrics.jsonl, loss.png,
+checkpoints/<step>/ (exact resume), model/ (LLaDA checkpoint layout, `jaxstack.hf.load_dllm`;
+usable with `jaxstack generate --dllm`), eval.json (per sampler: accuracy, NFE, tokens per
+step, wall time, throughput, speed-up over the baseline, sample answers), samplers.png and
+summary.json.
+
+Sampler names: a cache part ("baseline" = no cache | "prefix" | "dual") and/or a decoding part
+("parallel" = threshold rule at eval.threshold | "factor" = factor rule at eval.factor), joined
+by "+", e.g. "dual+parallel"; "parallel" alone = no cache with threshold decoding. Without a
+decoding part a sampler commits one token per step (LLaDA's baseline schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstack.config import config_to_dict, save_config
+from jaxstack.models.dllm import DLLMConfig, make_diffusion_loss
+from jaxstack.models.llm import LLM, REMAT_POLICIES
+from jaxstack.parallel.mesh import make_mesh, state_shardings
+from jaxstack.train import metrics as metrics_lib
+from jaxstack.train import step as step_lib
+from jaxstack.train.checkpoint import Checkpointer, abstract_state
+from jaxstack.train.step import OptimConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BATCH_KEYS = ("input_ids", "prompt_mask", "t", "mask_u")
+CACHE_PARTS = {"baseline": None, "prefix": "prefix", "dual": "dual"}
+DECODE_PARTS = ("parallel", "factor")
+
+
+@dataclasses.dataclass
+class DLLMModelSection:
+    """name: a diffusion-LLM preset ("llada-100m", "tiny-llada", ...: trained from scratch with
+    the vocabulary resized to the tokenizer's plus one [MASK] id) or a LLaDA / Dream checkpoint
+    directory (fine-tuned; its own mask id)."""
+
+    name: str = "llada-small"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        for key, ok in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES)):
+            if getattr(self, key) not in ok:
+                raise ValueError(f"{key} must be one of {list(ok)}, got {getattr(self, key)!r}")
+
+
+@dataclasses.dataclass
+class SortingDataSection:
+    """Sorting problems drawn fresh for every step (a pure function of (seed, step)): `count`
+    integers in [0, max_value]; the answer plus EOS padding fills gen_length tokens."""
+
+    tokenizer: str = "byte"
+    count: int = 6
+    max_value: int = 99
+    gen_length: int = 24
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.count < 1 or self.max_value < 1 or self.batch_size < 1:
+            raise ValueError("data.count, data.max_value and data.batch_size must be >= 1")
+
+
+@dataclasses.dataclass
+class DLLMEvalSection:
+    """num held-out prompts answered by every sampler, `batch` prompts per call; block_length:
+    semi-autoregressive block; threshold / factor: parallel-decoding parameters. Each sampler
+    is run once untimed on the first batch (compilation) before the timed pass."""
+
+    num: int = 64
+    batch: int = 64
+    block_length: int = 8
+    threshold: float = 0.9
+    factor: float = 1.0
+    samplers: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "baseline",
+            "prefix",
+            "dual",
+            "parallel",
+            "prefix+parallel",
+            "dual+parallel",
+        ]
+    )
+
+    def __post_init__(self):
+        if self.num < 0 or self.batch < 1:
+            raise ValueError("eval.num must be >= 0 and eval.batch >= 1")
+        for name in self.samplers:
+            sampler_settings(name, self)  # raises on a bad name
+
+
+@dataclasses.dataclass
+class DLLMTrainConfig:
+    """A diffusion-LLM training job. optim.total_steps = 0 means "= steps"; mesh e.g. "data=2"
+    ("" = data parallel over all devices)."""
+
+    name: str = "dllm_sort_tiny"
+    output_dir: str = ""
+    model: DLLMModelSection = dataclasses.field(default_factory=DLLMModelSection)
+    data: SortingDataSection = dataclasses.field(default_factory=SortingDataSection)
+    eval: DLLMEvalSection = dataclasses.field(default_factory=DLLMEvalSection)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, total_steps=0)
+    )
+    steps: int = 600
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mesh: str = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    def resolved(self) -> DLLMTrainConfig:
+        return dataclasses.replace(
+            self,
+            output_dir=self.output_dir or os.path.join("runs", self.name),
+            optim=dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps),
+        )
+
+
+def sampler_settings(name: str, ev: DLLMEvalSection) -> dict[str, Any]:
+    """`dllm_generate` keyword arguments (cache, threshold, factor) of a sampler name."""
+    parts = name.split("+")
+    cache_parts = [p for p in parts if p in CACHE_PARTS]
+    decode_parts = [p for p in parts if p in DECODE_PARTS]
+    if not parts or len(cache_parts) > 1 or len(decode_parts) > 1:
+        raise ValueError(f"bad sampler {name!r}: expected [baseline|prefix|dual][+parallel|factor]")
+    if len(cache_parts) + len(decode_parts) != len(parts):
+        bad = [p for p in parts if p not in CACHE_PARTS and p not in DECODE_PARTS]
+        raise ValueError(
+            f"bad sampler {name!r}: unknown part(s) {bad}; cache parts {list(CACHE_PARTS)}, "
+            f"decoding parts {list(DECODE_PARTS)}"
+        )
+    kw: dict[str, Any] = {"cache": CACHE_PARTS[cache_parts[0]] if cache_parts else None}
+    if decode_parts == ["parallel"]:
+        kw["threshold"] = ev.threshold
+    elif decode_parts == ["factor"]:
+        kw["factor"] = ev.factor
+    return kw
+
+
+# -- model and data ----------------------------------------------------------------------------
+
+
+def build_dllm(cfg: DLLMModelSection, tokenizer: Any, mesh, seed: int) -> tuple[LLM, DLLMConfig]:
+    """(model with every parameter in its sharding on `mesh`, its DLLMConfig)."""
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    if os.path.isdir(cfg.name):
+        from jaxstack.hf.dllm import load_dllm
+
+        model, dcfg = load_dllm(cfg.name, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        if dcfg.llm.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but {cfg.name!r} only "
+                f"{dcfg.llm.vocab_size}: use the checkpoint's own tokenizer (data.tokenizer)"
+            )
+        return model, dcfg
+    base = DLLMConfig.preset(cfg.name)
+    vocab = tokenizer.vocab_size + 1  # the tokenizer's ids plus [MASK]
+    dcfg = DLLMConfig(
+        dataclasses.replace(base.llm, vocab_size=vocab),
+        kind=base.kind,
+        mask_id=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.eos_id,
+    )
+    make = lambda: LLM(
+        dcfg.llm, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=nnx.Rngs(seed)
+    )
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(abstract, mesh)
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()), dcfg
+
+
+class SortingBatches:
+    """Fixed-shape masked-diffusion batches of sorting problems; batch(i) is a pure function of
+    (data config, i), so a resumed run sees the same batches.
+
+    batch(i): input_ids int32 [B, Lp + G] (prompt, answer, EOS padding), prompt_mask bool
+    [B, Lp + G], and the loss noise t float32 [B], mask_u float32 [B, Lp + G].
+    """
+
+    def __init__(self, cfg: SortingDataSection, tokenizer: Any):
+        from jaxstack.data.synthetic import make_sorting_record
+
+        self.cfg, self.tok = cfg, tokenizer
+        sample = make_sorting_record(random.Random(0), cfg.count, cfg.max_value)
+        self.prompt_len = len(tokenizer.encode(sample["prompt"]))
+        answer_len = len(tokenizer.encode(sample["response"]))
+        if answer_len > cfg.gen_length:
+            raise ValueError(
+                f"data.gen_length={cfg.gen_length} is shorter than the answers ({answer_len} "
+                f"tokens for count={cfg.count}); raise it"
+            )
+        self.seq_len = self.prompt_len + cfg.gen_length
+
+    def encode(self, record: dict) -> list[int]:
+        """Prompt ids + answer ids + EOS up to gen_length (checks the fixed lengths)."""
+        prompt, answer = self.tok.encode(record["prompt"]), self.tok.encode(record["response"])
+        if len(prompt) != self.prompt_len or len(answer) > self.cfg.gen_length:
+            raise ValueError(f"record does not have the task's fixed lengths: {record}")
+        return prompt + answer + [self.tok.eos_id] * (self.cfg.gen_length - len(answer))
+
+    def records(self, stream: str, index: int, n: int) -> list[dict]:
+        from jaxstack.data.synthetic import make_sorting_record
+
+        c = self.cfg
+        rng = random.Random(f"{stream}:{c.seed}:{c.count}:{c.max_value}:{index}")
+        return [make_sorting_record(rng, c.count, c.max_value) for _ in range(n)]
+
+    def batch(self, i: int) -> dict[str, np.ndarray]:
+        b = self.cfg.batch_size
+        ids = np.asarray([self.encode(r) for r in self.records("train", i, b)], np.int32)
+        prompt_mask = np.zeros(ids.shape, bool)
+        prompt_mask[:, : self.prompt_len] = True
+        noise = np.random.default_rng([self.cfg.seed, i, 7])
+        return dict(
+            input_ids=ids,
+            prompt_mask=prompt_mask,
+            t=noise.random(b, dtype=np.float32),
+            mask_u=noise.random(ids.shape, dtype=np.float32),
+        )
+
+    def held_out(self, n: int) -> list[dict]:
+        """`n` evaluation problems from a stream disjoint from the training stream's seeds."""
+        return self.records("eval", 0, n)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_samplers(
+    model: LLM,
+    dcfg: DLLMConfig,
+    data: SortingBatches,
+    ev: DLLMEvalSection,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer `ev.num` held-out problems with every sampler; accuracy, NFE, speed per sampler.
+
+    tokens_per_step = generated tokens per row / forwards (a batch shares its forwards, so
+    with parallel decoding a batch needs as many steps as its slowest row); throughput counts
+    generated non-EOS tokens over the timed wall time, as Fast-dLLM reports it.
+    """
+    from jaxstack.data.synthetic import score_sorting
+    from jaxstack.generate.dllm import dllm_generate
+
+    records = data.held_out(ev.num)
+    if not records:
+        return {"samplers": {}}
+    gen = data.cfg.gen_length
+    block = min(ev.block_length, gen)
+    prompts = np.asarray([data.tok.encode(r["prompt"]) for r in records], np.int32)
+    chunks = [prompts[i : i + ev.batch] for i in range(0, len(records), ev.batch)]
+    results: dict[str, Any] = {}
+    bar = metrics_lib.progress_bar(len(ev.samplers) * len(chunks), desc="eval samplers")
+    for name in ev.samplers:
+        kw = dict(
+            gen_length=gen,
+            block_length=block,
+            mask_id=dcfg.mask_id,
+            kind=dcfg.kind,
+            **sampler_settings(name, ev),
+        )
+        jax.block_until_ready(dllm_generate(model, chunks[0], **kw).tokens)  # compile
+        tokens, nfe, t0 = [], 0, time.perf_counter()
+        for chunk in chunks:
+            out = dllm_generate(model, chunk, **kw)
+            tokens.append(np.asarray(out.tokens))  # host copy: the call has finished
+            nfe += out.nfe
+            bar.update(1)
+        seconds = time.perf_counter() - t0
+        toks = np.concatenate(tokens)
+        texts = [data.tok.decode([int(t) for t in row if t < data.tok.vocab_size]) for row in toks]
+        correct = [score_sorting(r["prompt"], t) for r, t in zip(records, texts)]
+        answer_tokens = int(np.sum(toks != dcfg.eos_id))
+        results[name] = dict(
+            **{k: v for k, v in kw.items() if k in ("cache", "threshold", "factor")},
+            accuracy=float(np.mean(correct)),
+            nfe=nfe,
+            tokens_per_step=gen * len(chunks) / nfe,
+            seconds=seconds,
+            tokens_per_second=answer_tokens / seconds,
+            samples=[
+                dict(prompt=r["prompt"], answer=r["response"], generated=t, correct=c)
+                for r, t, c in list(zip(records, texts, correct))[:8]
+            ],
+        )
+    bar.close()
+    base = results.get("baseline")
+    for r in results.values():
+        r["speedup_vs_baseline"] = base["seconds"] / r["seconds"] if base else None
+    return dict(
+        num=len(records),
+        batch=ev.batch,
+        gen_length=gen,
+        block_length=block,
+        device=jax.devices()[0].device_kind,
+        samplers=results,
+    )
+
+
+def plot_samplers(result: dict, png_path: str) -> str | None:
+    """Bar charts of accuracy, tokens per step and throughput per sampler."""
+    rows = result.get("samplers") or {}
+    if not rows or jax.process_index() != 0:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(rows)
+    panels = (
+        ("accuracy", "held-out accuracy"),
+        ("tokens_per_step", "tokens / step"),
+        ("tokens_per_second", "tokens / s"),
+    )
+    fig = Figure(figsize=(4 * len(panels), 3.2))
+    FigureCanvasAgg(fig)
+    for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels):
+        ax.bar(range(len(names)), [rows[n][key] for n in names], color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    return png_path
+
+
+# -- job ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj: Any) -> None:
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def run_dllm_train(
+    cfg: DLLMTrainConfig, *, resume: bool = True, stop_after: int | None = None
+) -> dict:
+    """Run (or resume) the job; returns a summary dict (also summary.json).
+
+    stop_after: stop right after that global step as if killed (tests resumption).
+    """
+    from jaxstack.data.tokenizer import load_tokenizer
+    from jaxstack.hf.dllm import save_dllm
+    from jaxstack.parallel.distributed import initialize
+
+    initialize()
+    cfg = cfg.resolved()
+    out, main = cfg.output_dir, jax.process_index() == 0
+    os.makedirs(out, exist_ok=True)
+    mesh = make_mesh(cfg.mesh or None)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    data = SortingBatches(cfg.data, tok)
+    model, dcfg = build_dllm(cfg.model, tok, mesh, cfg.seed)
+    optimizer = step_lib.make_optimizer(cfg.optim)
+    state, shardings = step_lib.init_train_state(model, optimizer, mesh)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    loss = make_diffusion_loss(dcfg.kind, dcfg.mask_id)
+    train_step = step_lib.make_train_step(
+        graphdef, rest, optimizer, loss_sums=loss, mesh=mesh, state_sh=shardings
+    )
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None and not resume:
+        ckpt.close()
+        raise FileExistsError(f"{ckpt.directory} has checkpoints (step {start}); resume=True?")
+    if start is not None:
+        state, _ = ckpt.restore(start, abstract_state(state, shardings))
+    start = start or 0
+    if main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    logger = metrics_lib.MetricsLogger(metrics_path, resume_step=start)
+    lr_at = step_lib.learning_rate_schedule(cfg.optim)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = metrics_lib.progress_bar(cfg.steps, initial=start, desc=cfg.name)
+    t0 = time.perf_counter()
+    try:
+        for i in range(start, end):
+            batch = step_lib.place_batch(mesh, data.batch(i))
+            state, metrics = train_step(state, batch)
+            bar.update(1)
+            if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss is {m['loss']} at step {i + 1}; stopped")
+                logger.log(i + 1, loss=m["loss"], grad_norm=m["grad_norm"], lr=float(lr_at(i)))
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
+                ckpt.save(i + 1, state, {"step": i + 1, "config": config_to_dict(cfg)})
+    finally:
+        bar.close()
+        logger.close()
+        ckpt.close()
+    summary: dict[str, Any] = {"output_dir": out, "start_step": start, "step": max(start, end)}
+    summary["train_seconds"] = time.perf_counter() - t0
+    if end < cfg.steps:
+        return {**summary, "stopped_at": end}
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, state.params)
+    nnx.update(model, params)
+    summary.update(metrics_lib.summarize(metrics_lib.read_metrics(metrics_path)))
+    summary["plot"] = metrics_lib.plot_metrics(
+        metrics_path, os.path.join(out, "loss.png"), ("loss", "lr")
+    )
+    save_dllm(model, dcfg, model_dir := os.path.join(out, "model"))
+    summary["model_dir"] = model_dir
+    if cfg.eval.num > 0:
+        result = evaluate_samplers(model, dcfg, data, cfg.eval)
+        _write_json(os.path.join(out, "eval.json"), result)
+        summary["sampler_plot"] = plot_samplers(result, os.path.join(out, "samplers.png"))
+        summary["eval"] = {
+            name: {k: r[k] for k in ("accuracy", "tokens_per_step", "speedup_vs_baseline")}
+            for name, r in result["samplers"].items()
+        }
+        if main:
+            print(format_eval_table(result))
+    _write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def format_eval_table(result: dict) -> str:
+    """A plain-text table of the per-sampler results."""
+    lines = [
+        f"{result['num']} held-out prompts, gen length {result['gen_length']}, "
+        f"block {result['block_length']}, batch {result['batch']}",
+        f"{'sampler':<18}{'accuracy':>9}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}",
+    ]
+    for name, r in result["samplers"].items():
+        speed = r["speedup_vs_baseline"]
+        lines.append(
+            f"{name:<18}{r['accuracy']:>9.3f}{r['tokens_per_step']:>10.2f}"
+            f"{r['tokens_per_second']:>10.1f}{'' if speed is None else f'{speed:.2f}x':>9}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The diffusion-LLM training job (`jaxstack train-dllm`): sorting data, sampler names, the
+LLaDA / Dream export, exact resume and the sampler comparison it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+
+from jaxstack.config import load_config
+from jaxstack.data.synthetic import make_sorting_record, make_sorting_records, score_sorting
+from jaxstack.data.tokenizer import load_tokenizer
+from jaxstack.hf.dllm import load_dllm, save_dllm
+from jaxstack.models.dllm import DLLMConfig, init_dllm
+from jaxstack.train.dllm_trainer import (
+    DLLMEvalSection,
+    DLLMTrainConfig,
+    SortingBatches,
+    SortingDataSection,
+    run_dllm_train,
+    sampler_settings,
+)
+from jaxstack.train.metrics import read_metrics
+
+
+def test_sorting_records_and_scoring():
+    recs = make_sorting_records(50, seed=3, count=5, max_value=99)
+    assert recs == make_sorting_records(50, seed=3, count=5, max_value=99)
+    assert (
+        len({len(r["prompt"]) for r in recs}) == 1 and len({len(r["response"]) for r in recs}) == 1
+    )
+    for r in recs:
+        nums = r["prompt"][len("sort: ") :].split()
+        assert r["response"].split() == sorted(nums, key=int)
+        assert score_sorting(r["prompt"], r["response"] + " \n")
+    r = {"prompt": "sort: 42 07 42 93\n", "response": "07 42 42 93"}
+    assert score_sorting(r["prompt"], "07 42 42 93")
+    assert not score_sorting(r["prompt"], "07 42 93")  # a duplicate dropped
+    assert not score_sorting(r["prompt"], "07 42 93 42")
+    assert not score_sorting(r["prompt"], "7 42 42 93")  # width matters
+    wide = make_sorting_record(random.Random(0), 3, max_value=999)
+    assert all(len(x) == 3 for x in wide["response"].split())
+    with pytest.raises(ValueError, match="not a sorting prompt"):
+        score_sorting("Q: 1+2=?\nA: ", "3")
+    with pytest.raises(ValueError):
+        make_sorting_record(random.Random(0), 0)
+
+
+def test_sampler_names():
+    ev = DLLMEvalSection(threshold=0.8, factor=2.0)
+    assert sampler_settings("baseline", ev) == {"cache": None}
+    assert sampler_settings("dual", ev) == {"cache": "dual"}
+    assert sampler_settings("parallel", ev) == {"cache": None, "threshold": 0.8}
+    assert sampler_settings("prefix+parallel", ev) == {"cache": "prefix", "threshold": 0.8}
+    assert sampler_settings("dual+factor", ev) == {"cache": "dual", "factor": 2.0}
+    for bad in ("dual+prefix", "fast", "dual+parallel+factor", ""):
+        with pytest.raises(ValueError, match="bad sampler"):
+            sampler_settings(bad, ev)
+    with pytest.raises(ValueError, match="bad sampler"):
+        DLLMEvalSection(samplers=["baseline", "turbo"])
+
+
+def test_sorting_batches_are_pure_and_shaped():
+    tok = load_tokenizer("byte")
+    cfg = SortingDataSection(count=4, gen_length=16, batch_size=8, seed=1)
+    data = SortingBatches(cfg, tok)
+    a, b = data.batch(5), data.batch(5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["input_ids"], data.batch(6)["input_ids"])
+    assert a["input_ids"].shape == (8, data.prompt_len + 16) == a["mask_u"].shape
+    assert (
+        a["prompt_mask"][:, : data.prompt_len].all()
+        and not a["prompt_mask"][:, data.prompt_len :].any()
+    )
+    answer = tok.decode(a["input_ids"][0, data.prompt_len :].tolist())  # EOS padding dropped
+    prompt = tok.decode(a["input_ids"][0, : data.prompt_len].tolist())
+    assert score_sorting(prompt, answer)
+    assert a["input_ids"][0, -1] == tok.eos_id
+    held = {r["prompt"] for r in data.held_out(50)}
+    train = {r["prompt"] for i in range(20) for r in data.records("train", i, 8)}
+    assert not held & train
+    with pytest.raises(ValueError, match="gen_length"):
+        SortingBatches(SortingDataSection(count=8, gen_length=10), tok)
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+def test_save_dllm_round_trip(tmp_path, name):
+    dcfg = DLLMConfig.preset(name)
+    model = init_dllm(dcfg, seed=3)
+    save_dllm(model, dcfg, tmp_path)
+    loaded, dcfg2 = load_dllm(tmp_path)
+    assert dcfg2 == dcfg
+    ids = np.arange(12, dtype=np.int32)[None] % 100
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(loaded(ids)))
+
+
+def test_default_config_is_the_tiny_config_file():
+    assert load_config(DLLMTrainConfig, "configs/dllm_sort_tiny.yaml", []) == DLLMTrainConfig()
+    load_config(DLLMTrainConfig, "configs/dllm_sort_100m.yaml", [])  # parses
+
+
+def _tiny_job(tmp_path, **kw) -> DLLMTrainConfig:
+    cfg = DLLMTrainConfig(
+        output_dir=str(tmp_path),
+        data=SortingDataSection(count=3, gen_length=8, batch_size=16),
+        eval=DLLMEvalSection(
+            num=6, batch=4, block_length=4, samplers=["baseline", "dual+parallel"]
+        ),
+        steps=4,
+        checkpoint_every=2,
+        log_every=1,
+    )
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_job_resumes_exactly_and_writes_the_sampler_table(tmp_path):
+    straight = run_dllm_train(_tiny_job(tmp_path / "a"))
+    run_dllm_train(_tiny_job(tmp_path / "b"), stop_after=2)
+    resumed = run_dllm_train(_tiny_job(tmp_path / "b"))
+    assert resumed["start_step"] == 2 and straight["step"] == resumed["step"] == 4
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    ma, mb = (drop(read_metrics(tmp_path / d / "metrics.jsonl")) for d in "ab")
+    assert [r["step"] for r in ma] == [1, 2, 3, 4] and ma == mb
+    ev = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert set(ev["samplers"]) == {"baseline", "dual+parallel"} and ev["num"] == 6
+    base, fast = ev["samplers"]["baseline"], ev["samplers"]["dual+parallel"]
+    assert base["nfe"] == 2 * 8 and base["tokens_per_step"] == 1.0  # 2 calls, 1 token per step
+    assert fast["nfe"] <= base["nfe"] and fast["tokens_per_step"] >= 1.0
+    assert 0.0 <= base["accuracy"] <= 1.0 and len(base["samples"]) == 6
+    assert (tmp_path / "a" / "samplers.png").is_file() and (tmp_path / "a" / "loss.png").is_file()
+    model, dcfg = load_dllm(tmp_path / "a" / "model")
+    assert dcfg.mask_id == 263 and dcfg.eos_id == 258 and not dcfg.llm.causal
+    ids = np.arange(10, dtype=np.int32)[None]
+    other, _ = load_dllm(tmp_path / "b" / "model")
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(other(ids)))
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = _tiny_job(tmp_path, steps=40, checkpoint_every=40, eval=DLLMEvalSection(num=0))
+    run_dllm_train(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
