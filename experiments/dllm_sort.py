@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(DLLMTrainConfig, args.config, args.overrides).resolved()
     summary = run_dllm_train(cfg, resume=False)
+    print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f} s", flush=True)
     eval_main = json.loads(Path(cfg.output_dir, "eval.json").read_text())
     metrics = read_metrics(Path(cfg.output_dir, "metrics.jsonl"))
 

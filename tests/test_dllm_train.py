@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from jaxstack.config import load_config
-from jaxstack.data.synthetic import make_sorting_record, make_sorting_records, score_sorting
+from jaxstack.data.synthetic import (
+    make_sorting_record,
+    make_sorting_records,
+    score_sorting,
+    sorting_position_accuracy,
+)
 from jaxstack.data.tokenizer import load_tokenizer
 from jaxstack.hf.dllm import load_dllm, save_dllm
 from jaxstack.models.dllm import DLLMConfig, init_dllm
@@ -41,6 +46,13 @@ def test_sorting_records_and_scoring():
     assert not score_sorting(r["prompt"], "07 42 93")  # a duplicate dropped
     assert not score_sorting(r["prompt"], "07 42 93 42")
     assert not score_sorting(r["prompt"], "7 42 42 93")  # width matters
+    p = r["prompt"]
+    assert sorting_position_accuracy(p, "07 42 42 93") == 1.0
+    assert sorting_position_accuracy(p, "07 42 93") == 0.5  # positions 3, 4 wrong or missing
+    assert sorting_position_accuracy(p, "07 42 42 93 99") == 0.8  # an extra number costs
+    assert sorting_position_accuracy(p, "") == 0.0
+    with pytest.raises(ValueError, match="not a sorting prompt"):
+        sorting_position_accuracy("Q: 1+2=?\nA: ", "3")
     wide = make_sorting_record(random.Random(0), 3, max_value=999)
     assert all(len(x) == 3 for x in wide["response"].split())
     with pytest.raises(ValueError, match="not a sorting prompt"):

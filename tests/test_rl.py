@@ -153,6 +153,7 @@ def test_configs_parse_and_rl_tiny_is_the_default() -> None:
     import glob
 
     from jaxstack.config import load_config
+    from jaxstack.train.dllm_trainer import DLLMTrainConfig
     from jaxstack.train.trainer import TrainJobConfig
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -163,6 +164,8 @@ def test_configs_parse_and_rl_tiny_is_the_default() -> None:
             if name.startswith("rl_")
             else VLMSFTConfig
             if name.startswith("vlm_sft")
+            else DLLMTrainConfig
+            if name.startswith("dllm_")
             else TrainJobConfig
         )
         load_config(cls, path, [])

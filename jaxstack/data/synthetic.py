@@ -86,3 +86,14 @@ def score_sorting(prompt: str, generated: str) -> bool:
         raise ValueError(f"not a sorting prompt: {prompt!r}")
     items = prompt[len(_SORT_PREFIX) :].split()
     return generated.strip() == " ".join(sorted(items, key=int))
+
+
+def sorting_position_accuracy(prompt: str, generated: str) -> float:
+    """Fraction of the answer's positions holding the right number (partial credit; a missing
+    or extra number counts against it). Raises ValueError on a non-sorting prompt."""
+    if not prompt.startswith(_SORT_PREFIX):
+        raise ValueError(f"not a sorting prompt: {prompt!r}")
+    want = sorted(prompt[len(_SORT_PREFIX) :].split(), key=int)
+    got = generated.split()
+    hits = sum(a == b for a, b in zip(want, got))
+    return hits / max(len(want), len(got))

@@ -38,7 +38,7 @@ from flax import nnx
 from jaxstack.config import config_to_dict, save_config
 from jaxstack.models.dllm import DLLMConfig, make_diffusion_loss
 from jaxstack.models.llm import LLM, REMAT_POLICIES
-from jaxstack.parallel.mesh import make_mesh, state_shardings
+from jaxstack.parallel.mesh import init_sharded, make_mesh
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.checkpoint import Checkpointer, abstract_state
@@ -195,9 +195,7 @@ def build_dllm(cfg: DLLMModelSection, tokenizer: Any, mesh, seed: int) -> tuple[
     make = lambda: LLM(
         dcfg.llm, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=nnx.Rngs(seed)
     )
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(abstract, mesh)
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()), dcfg
+    return init_sharded(make, mesh), dcfg
 
 
 class SortingBatches:
@@ -271,7 +269,7 @@ def evaluate_samplers(
     with parallel decoding a batch needs as many steps as its slowest row); throughput counts
     generated non-EOS tokens over the timed wall time, as Fast-dLLM reports it.
     """
-    from jaxstack.data.synthetic import score_sorting
+    from jaxstack.data.synthetic import score_sorting, sorting_position_accuracy
     from jaxstack.generate.dllm import dllm_generate
 
     records = data.held_out(ev.num)
@@ -306,6 +304,9 @@ def evaluate_samplers(
         results[name] = dict(
             **{k: v for k, v in kw.items() if k in ("cache", "threshold", "factor")},
             accuracy=float(np.mean(correct)),
+            position_accuracy=float(
+                np.mean([sorting_position_accuracy(r["prompt"], t) for r, t in zip(records, texts)])
+            ),
             nfe=nfe,
             tokens_per_step=gen * len(chunks) / nfe,
             seconds=seconds,
@@ -455,12 +456,13 @@ def format_eval_table(result: dict) -> str:
     lines = [
         f"{result['num']} held-out prompts, gen length {result['gen_length']}, "
         f"block {result['block_length']}, batch {result['batch']}",
-        f"{'sampler':<18}{'accuracy':>9}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}",
+        f"{'sampler':<18}{'accuracy':>9}{'per-num':>9}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}",
     ]
     for name, r in result["samplers"].items():
         speed = r["speedup_vs_baseline"]
         lines.append(
-            f"{name:<18}{r['accuracy']:>9.3f}{r['tokens_per_step']:>10.2f}"
+            f"{name:<18}{r['accuracy']:>9.3f}{r.get('position_accuracy', float('nan')):>9.3f}"
+            f"{r['tokens_per_step']:>10.2f}"
             f"{r['tokens_per_second']:>10.1f}{'' if speed is None else f'{speed:.2f}x':>9}"
         )
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxstack.config import config_to_dict, save_config
 from jaxstack.models.llm import LLM, REMAT_POLICIES, LLMConfig
-from jaxstack.parallel.mesh import make_mesh, state_shardings, use_mesh
+from jaxstack.parallel.mesh import init_sharded, make_mesh, use_mesh
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.checkpoint import Checkpointer, abstract_state
@@ -123,9 +123,7 @@ def build_model(cfg: ModelSection, vocab_size: int, mesh: Mesh, seed: int) -> LL
         return model
     arch = dataclasses.replace(LLMConfig.preset(cfg.name), vocab_size=vocab_size)
     make = lambda: LLM(arch, rngs=nnx.Rngs(seed), **kw)
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(abstract, mesh)
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)())
+    return init_sharded(make, mesh)
 
 
 def build_data(cfg: DataSection, tokenizer: Any) -> tuple[Any, list[dict]]:

@@ -29,7 +29,7 @@ from flax import nnx
 from jaxstack.config import config_to_dict, save_config
 from jaxstack.models.llm import REMAT_POLICIES
 from jaxstack.models.vlm import NVILA, VLMConfig
-from jaxstack.parallel.mesh import make_mesh, state_shardings, use_mesh
+from jaxstack.parallel.mesh import init_sharded, make_mesh, use_mesh
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.checkpoint import Checkpointer, abstract_state
@@ -129,9 +129,7 @@ def build_vlm(cfg: VLMModelSection, vocab_size: int, mesh, seed: int) -> NVILA:
         make = lambda: NVILA(
             vcfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=nnx.Rngs(seed)
         )
-        graphdef, abstract = nnx.split(nnx.eval_shape(make))
-        shardings = state_shardings(abstract, mesh)
-        model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)())
+        model = init_sharded(make, mesh)
     if cfg.freeze_vision != vcfg.freeze_vision:
         model.cfg = dataclasses.replace(vcfg, freeze_vision=cfg.freeze_vision)
     return model
