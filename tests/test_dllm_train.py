@@ -1,4 +1,4 @@
-"""The diffusion-LLM training job (`jaxstack train-dllm`): sorting data, sampler names, the
+"""The diffusion-LLM training job (`jaxstack train-dllm`): sorting and addition data, sampler names, the
 LLaDA / Dream export, exact resume and the sampler comparison it writes."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import pytest
 
 from jaxstack.config import load_config
 from jaxstack.data.synthetic import (
+    addition_digit_accuracy,
+    make_addition_record,
     make_sorting_record,
     make_sorting_records,
+    score_addition,
     score_sorting,
     sorting_position_accuracy,
 )
@@ -22,9 +25,10 @@ from jaxstack.hf.dllm import load_dllm, save_dllm
 from jaxstack.models.dllm import DLLMConfig, init_dllm
 from jaxstack.train.dllm_trainer import (
     DLLMEvalSection,
+    DLLMModelSection,
     DLLMTrainConfig,
-    SortingBatches,
-    SortingDataSection,
+    TaskBatches,
+    TaskDataSection,
     run_dllm_train,
     sampler_settings,
 )
@@ -61,6 +65,45 @@ def test_sorting_records_and_scoring():
         make_sorting_record(random.Random(0), 0)
 
 
+def test_addition_records_and_scoring():
+    rng = random.Random(5)
+    recs = [make_addition_record(rng, 6) for _ in range(200)]
+    assert len({r["prompt"] for r in recs}) == 200
+    assert {len(r["prompt"]) for r in recs} == {len("add: 000000+000000\n")}
+    assert {len(r["response"]) for r in recs} == {7}
+    for r in recs:
+        a, b = r["prompt"][len("add: ") : -1].split("+")
+        assert int(r["response"]) == int(a) + int(b)
+        assert score_addition(r["prompt"], " " + r["response"] + "\n")
+    assert any(r["response"][0] == "1" for r in recs) and any(r["response"][0] == "0" for r in recs)
+    p = "add: 0482+9037\n"
+    assert score_addition(p, "09519") and not score_addition(p, "9519")  # width matters
+    assert not score_addition(p, "09518") and not score_addition(p, "095190")
+    assert addition_digit_accuracy(p, "09519") == 1.0
+    assert addition_digit_accuracy(p, "09510") == 0.8
+    assert addition_digit_accuracy(p, "095190") == 5 / 6  # an extra digit costs
+    assert addition_digit_accuracy(p, "") == 0.0
+    for bad in ("Q: 1+2=?\nA: ", "add: 12+345\n", "add: 12+34"):
+        with pytest.raises(ValueError, match="not a fixed-width addition prompt"):
+            score_addition(bad, "0")
+    with pytest.raises(ValueError, match="digits"):
+        make_addition_record(rng, 0)
+
+
+def test_addition_batches_and_task_names():
+    tok = load_tokenizer("byte")
+    data = TaskBatches(TaskDataSection(task="add", digits=5, gen_length=8, batch_size=4), tok)
+    assert data.prompt_len == len("add: 00000+00000\n") and data.seq_len == data.prompt_len + 8
+    ids = data.batch(3)["input_ids"][0]
+    prompt = tok.decode(ids[: data.prompt_len].tolist())
+    assert score_addition(prompt, tok.decode(ids[data.prompt_len :].tolist()))
+    assert ids[-1] == ids[-2] == tok.eos_id  # 6 answer digits, then EOS
+    with pytest.raises(ValueError, match="gen_length"):
+        TaskBatches(TaskDataSection(task="add", digits=8, gen_length=8), tok)
+    with pytest.raises(ValueError, match="data.task"):
+        TaskDataSection(task="multiply")
+
+
 def test_sampler_names():
     ev = DLLMEvalSection(threshold=0.8, factor=2.0)
     assert sampler_settings("baseline", ev) == {"cache": None}
@@ -77,8 +120,8 @@ def test_sampler_names():
 
 def test_sorting_batches_are_pure_and_shaped():
     tok = load_tokenizer("byte")
-    cfg = SortingDataSection(count=4, gen_length=16, batch_size=8, seed=1)
-    data = SortingBatches(cfg, tok)
+    cfg = TaskDataSection(count=4, gen_length=16, batch_size=8, seed=1)
+    data = TaskBatches(cfg, tok)
     a, b = data.batch(5), data.batch(5)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -96,7 +139,7 @@ def test_sorting_batches_are_pure_and_shaped():
     train = {r["prompt"] for i in range(20) for r in data.records("train", i, 8)}
     assert not held & train
     with pytest.raises(ValueError, match="gen_length"):
-        SortingBatches(SortingDataSection(count=8, gen_length=10), tok)
+        TaskBatches(TaskDataSection(count=8, gen_length=10), tok)
 
 
 @pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
@@ -113,14 +156,18 @@ def test_save_dllm_round_trip(tmp_path, name):
 def test_default_config_is_the_tiny_config_file():
     assert load_config(DLLMTrainConfig, "configs/dllm_sort_tiny.yaml", []) == DLLMTrainConfig()
     load_config(DLLMTrainConfig, "configs/dllm_sort_100m.yaml", [])  # parses
+    assert load_config(DLLMTrainConfig, "configs/dllm_add_100m.yaml", []).data.task == "add"
 
 
 def _tiny_job(tmp_path, **kw) -> DLLMTrainConfig:
     cfg = DLLMTrainConfig(
         output_dir=str(tmp_path),
-        data=SortingDataSection(count=3, gen_length=8, batch_size=16),
+        model=DLLMModelSection(name="tiny-llada"),  # LLaDA architecture, 2 layers of width 32
+        data=TaskDataSection(count=3, gen_length=8, batch_size=16),
+        # 6 prompts in 2 equal batches of 3: one compiled program per sampler (batches of 4 + 2
+        # compiled every sampler twice).
         eval=DLLMEvalSection(
-            num=6, batch=4, block_length=4, samplers=["baseline", "dual+parallel"]
+            num=6, batch=3, block_length=4, samplers=["baseline", "dual+parallel"]
         ),
         steps=4,
         checkpoint_every=2,
@@ -152,7 +199,11 @@ def test_job_resumes_exactly_and_writes_the_sampler_table(tmp_path):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    cfg = _tiny_job(tmp_path, steps=40, checkpoint_every=40, eval=DLLMEvalSection(num=0))
+    # The tiny model needs a shorter warmup and a larger peak lr than the job's default model.
+    optim = dataclasses.replace(DLLMTrainConfig().optim, lr=1e-2, warmup_steps=10)
+    cfg = _tiny_job(
+        tmp_path, steps=40, checkpoint_every=40, optim=optim, eval=DLLMEvalSection(num=0)
+    )
     run_dllm_train(cfg)
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses

@@ -4,9 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxstack.models.llm import KVCache, LLMConfig, init_llm, positions_from
 from jaxstack.nn.attention import dot_product_attention, make_attn_mask
+
+
+# The model comparisons below run compiled, as the model runs in training and generation (op by
+# op, each test spent most of its time compiling single ops for its shapes).
+@nnx.jit
+def _forward(model, ids, segment_ids=None, input_mask=None):
+    return model(ids, segment_ids=segment_ids, input_mask=input_mask)
+
+
+@nnx.jit
+def _decode_step(model, cache, ids, positions):
+    return model.decode_step(cache, ids, positions=positions)
 
 
 def test_make_attn_mask_patterns():
@@ -52,9 +65,13 @@ def test_packed_segments_equal_separate_sequences(arch):
     a, b = rng.integers(0, cfg.vocab_size, 7), rng.integers(0, cfg.vocab_size, 5)
     packed = jnp.asarray(np.concatenate([a, b]))[None]
     seg = jnp.asarray([[1] * 7 + [2] * 5])
-    out = model(packed, segment_ids=seg)
-    np.testing.assert_allclose(out[0, :7], model(jnp.asarray(a)[None])[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out[0, 7:], model(jnp.asarray(b)[None])[0], rtol=1e-5, atol=1e-5)
+    out = _forward(model, packed, segment_ids=seg)
+    np.testing.assert_allclose(
+        out[0, :7], _forward(model, jnp.asarray(a)[None])[0], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out[0, 7:], _forward(model, jnp.asarray(b)[None])[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -62,18 +79,18 @@ def test_cache_prefill_and_steps_equal_full_forward(causal):
     cfg = LLMConfig(architecture="qwen3", qk_norm=True, causal=causal)
     model = init_llm(cfg, seed=2)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)))
-    full = model(ids)
+    full = _forward(model, ids)
     cache = KVCache.init(cfg, 2, 16, dtype=jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     if causal:
-        logits, cache = model.decode_step(cache, ids[:, :6], positions=pos[:, :6])
+        logits, cache = _decode_step(model, cache, ids[:, :6], pos[:, :6])
         parts = [logits]
         for i in range(6, 9):
-            logits, cache = model.decode_step(cache, ids[:, i : i + 1], positions=pos[:, i : i + 1])
+            logits, cache = _decode_step(model, cache, ids[:, i : i + 1], pos[:, i : i + 1])
             parts.append(logits)
         np.testing.assert_allclose(jnp.concatenate(parts, 1), full, rtol=1e-5, atol=1e-5)
     else:
-        logits, cache = model.decode_step(cache, ids, positions=pos)
+        logits, cache = _decode_step(model, cache, ids, pos)
         np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
     assert int(cache.index) == 9
 
@@ -84,8 +101,10 @@ def test_left_padding_matches_unpadded():
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 6)
     padded = jnp.asarray(np.concatenate([[0, 0, 0], ids]))[None]
     mask = jnp.asarray([[False] * 3 + [True] * 6])
-    out = model(padded, input_mask=mask)[0, 3:]
-    np.testing.assert_allclose(out, model(jnp.asarray(ids)[None])[0], rtol=1e-5, atol=1e-5)
+    out = _forward(model, padded, input_mask=mask)[0, 3:]
+    np.testing.assert_allclose(
+        out, _forward(model, jnp.asarray(ids)[None])[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_presets_param_counts():

@@ -97,3 +97,48 @@ def sorting_position_accuracy(prompt: str, generated: str) -> float:
     got = generated.split()
     hits = sum(a == b for a, b in zip(want, got))
     return hits / max(len(want), len(got))
+
+
+# -- fixed-width addition (fixed-length prompts and answers, for diffusion LLMs) ------------------
+
+_ADD_PREFIX = "add: "
+_ADD_RE = re.compile(r"add: (\d+)\+(\d+)\n\Z")
+
+
+def make_addition_record(rng: random.Random, digits: int) -> dict[str, str]:
+    """One addition problem with two `digits`-digit operands (zero-padded) and the sum written
+    with digits + 1 digits (zero-padded), most significant digit first.
+
+    {"prompt": "add: 0482+9037\\n", "response": "09519"}: every prompt and every answer of a
+    given `digits` has the same length. Carries run from the answer's end to its start, against
+    a left-to-right block order, so a model must compute them from the prompt.
+    """
+    if digits < 1:
+        raise ValueError(f"need digits >= 1, got {digits}")
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    return {
+        "prompt": f"{_ADD_PREFIX}{a:0{digits}d}+{b:0{digits}d}\n",
+        "response": f"{a + b:0{digits + 1}d}",
+    }
+
+
+def _addition_answer(prompt: str) -> str:
+    m = _ADD_RE.match(prompt)
+    if m is None or len(m.group(1)) != len(m.group(2)):
+        raise ValueError(f"not a fixed-width addition prompt: {prompt!r}")
+    digits = len(m.group(1))
+    return f"{int(m.group(1)) + int(m.group(2)):0{digits + 1}d}"
+
+
+def score_addition(prompt: str, generated: str) -> bool:
+    """True when `generated` (surrounding whitespace ignored) is exactly the zero-padded sum.
+    Raises ValueError on a prompt not made by `make_addition_record`."""
+    return generated.strip() == _addition_answer(prompt)
+
+
+def addition_digit_accuracy(prompt: str, generated: str) -> float:
+    """Fraction of the sum's digits right in place (partial credit; a missing or extra
+    character counts against it). Raises ValueError on a non-addition prompt."""
+    want, got = _addition_answer(prompt), generated.strip()
+    hits = sum(a == b for a, b in zip(want, got))
+    return hits / max(len(want), len(got))

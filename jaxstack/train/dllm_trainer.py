@@ -2,10 +2,10 @@
 
 `jaxstack train-dllm [CONFIG] [k=v]` (`run_dllm_train(cfg)`) trains a LLaDA-style model with
 the masked-diffusion SFT objective (`jaxstack.models.dllm.diffusion_loss_sums`: prompt never
-masked, loss per answer token weighted by 1/p_mask) on the synthetic sorting task
-(`jaxstack.data.synthetic.make_sorting_record`; every prompt and answer has a fixed length, so
-batches need no padding and generation has static shapes). Answers are followed by EOS up to
-`data.gen_length`, as in LLaDA's SFT.
+masked, loss per answer token weighted by 1/p_mask) on a synthetic task with checkable answers
+(`data.task`: "sort" -- `jaxstack.data.synthetic.make_sorting_record` -- or "add", fixed-width
+addition; every prompt and answer has a fixed length, so batches need no padding and generation
+has static shapes). Answers are followed by EOS up to `data.gen_length`, as in LLaDA's SFT.
 
 After training it answers held-out prompts with each sampler in `eval.samplers` and writes,
 into `cfg.output_dir` (default `runs/<name>`): config.yaml, metrics.jsonl, loss.png,
@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxstack.config import config_to_dict, save_config
+from jaxstack.data import synthetic
 from jaxstack.models.dllm import DLLMConfig, make_diffusion_loss
 from jaxstack.models.llm import LLM, REMAT_POLICIES
 from jaxstack.parallel.mesh import init_sharded, make_mesh
@@ -48,6 +49,34 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 BATCH_KEYS = ("input_ids", "prompt_mask", "t", "mask_u")
 CACHE_PARTS = {"baseline": None, "prefix": "prefix", "dual": "dual"}
 DECODE_PARTS = ("parallel", "factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A synthetic task with checkable fixed-length answers: make(rng, data section) -> record,
+    score(prompt, generated) -> bool, partial(prompt, generated) -> float in [0, 1] (per number
+    for sorting, per digit for addition), and the data fields that key its random streams."""
+
+    make: Any
+    score: Any
+    partial: Any
+    stream_fields: tuple[str, ...]
+
+
+TASKS = {
+    "sort": Task(
+        make=lambda rng, c: synthetic.make_sorting_record(rng, c.count, c.max_value),
+        score=synthetic.score_sorting,
+        partial=synthetic.sorting_position_accuracy,
+        stream_fields=("count", "max_value"),
+    ),
+    "add": Task(
+        make=lambda rng, c: synthetic.make_addition_record(rng, c.digits),
+        score=synthetic.score_addition,
+        partial=synthetic.addition_digit_accuracy,
+        stream_fields=("digits",),
+    ),
+}
 
 
 @dataclasses.dataclass
@@ -68,20 +97,27 @@ class DLLMModelSection:
 
 
 @dataclasses.dataclass
-class SortingDataSection:
-    """Sorting problems drawn fresh for every step (a pure function of (seed, step)): `count`
-    integers in [0, max_value]; the answer plus EOS padding fills gen_length tokens."""
+class TaskDataSection:
+    """Problems drawn fresh for every step (a pure function of (seed, step)); the answer plus
+    EOS padding fills gen_length tokens. task "sort": `count` integers in [0, max_value];
+    task "add": two `digits`-digit operands (`jaxstack.data.synthetic`)."""
 
     tokenizer: str = "byte"
+    task: str = "sort"
     count: int = 6
     max_value: int = 99
+    digits: int = 8
     gen_length: int = 24
     batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self):
-        if self.count < 1 or self.max_value < 1 or self.batch_size < 1:
-            raise ValueError("data.count, data.max_value and data.batch_size must be >= 1")
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {list(TASKS)}, got {self.task!r}")
+        if min(self.count, self.max_value, self.digits, self.batch_size) < 1:
+            raise ValueError(
+                "data.count, data.max_value, data.digits and data.batch_size must be >= 1"
+            )
 
 
 @dataclasses.dataclass
@@ -121,7 +157,7 @@ class DLLMTrainConfig:
     name: str = "dllm_sort_tiny"
     output_dir: str = ""
     model: DLLMModelSection = dataclasses.field(default_factory=DLLMModelSection)
-    data: SortingDataSection = dataclasses.field(default_factory=SortingDataSection)
+    data: TaskDataSection = dataclasses.field(default_factory=TaskDataSection)
     eval: DLLMEvalSection = dataclasses.field(default_factory=DLLMEvalSection)
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, total_steps=0)
@@ -198,25 +234,23 @@ def build_dllm(cfg: DLLMModelSection, tokenizer: Any, mesh, seed: int) -> tuple[
     return init_sharded(make, mesh), dcfg
 
 
-class SortingBatches:
-    """Fixed-shape masked-diffusion batches of sorting problems; batch(i) is a pure function of
-    (data config, i), so a resumed run sees the same batches.
+class TaskBatches:
+    """Fixed-shape masked-diffusion batches of the data section's task; batch(i) is a pure
+    function of (data config, i), so a resumed run sees the same batches.
 
     batch(i): input_ids int32 [B, Lp + G] (prompt, answer, EOS padding), prompt_mask bool
     [B, Lp + G], and the loss noise t float32 [B], mask_u float32 [B, Lp + G].
     """
 
-    def __init__(self, cfg: SortingDataSection, tokenizer: Any):
-        from jaxstack.data.synthetic import make_sorting_record
-
-        self.cfg, self.tok = cfg, tokenizer
-        sample = make_sorting_record(random.Random(0), cfg.count, cfg.max_value)
+    def __init__(self, cfg: TaskDataSection, tokenizer: Any):
+        self.cfg, self.tok, self.task = cfg, tokenizer, TASKS[cfg.task]
+        sample = self.task.make(random.Random(0), cfg)
         self.prompt_len = len(tokenizer.encode(sample["prompt"]))
         answer_len = len(tokenizer.encode(sample["response"]))
         if answer_len > cfg.gen_length:
             raise ValueError(
                 f"data.gen_length={cfg.gen_length} is shorter than the answers ({answer_len} "
-                f"tokens for count={cfg.count}); raise it"
+                f"tokens for task {cfg.task!r}); raise it"
             )
         self.seq_len = self.prompt_len + cfg.gen_length
 
@@ -228,11 +262,11 @@ class SortingBatches:
         return prompt + answer + [self.tok.eos_id] * (self.cfg.gen_length - len(answer))
 
     def records(self, stream: str, index: int, n: int) -> list[dict]:
-        from jaxstack.data.synthetic import make_sorting_record
-
         c = self.cfg
-        rng = random.Random(f"{stream}:{c.seed}:{c.count}:{c.max_value}:{index}")
-        return [make_sorting_record(rng, c.count, c.max_value) for _ in range(n)]
+        key = ":".join(str(getattr(c, f)) for f in ("seed", *self.task.stream_fields))
+        tag = "" if c.task == "sort" else f"{c.task}:"  # sorting keeps its original streams
+        rng = random.Random(f"{stream}:{tag}{key}:{index}")
+        return [self.task.make(rng, c) for _ in range(n)]
 
     def batch(self, i: int) -> dict[str, np.ndarray]:
         b = self.cfg.batch_size
@@ -258,7 +292,7 @@ class SortingBatches:
 def evaluate_samplers(
     model: LLM,
     dcfg: DLLMConfig,
-    data: SortingBatches,
+    data: TaskBatches,
     ev: DLLMEvalSection,
     *,
     progress: bool = True,
@@ -269,7 +303,6 @@ def evaluate_samplers(
     with parallel decoding a batch needs as many steps as its slowest row); throughput counts
     generated non-EOS tokens over the timed wall time, as Fast-dLLM reports it.
     """
-    from jaxstack.data.synthetic import score_sorting, sorting_position_accuracy
     from jaxstack.generate.dllm import dllm_generate
 
     records = data.held_out(ev.num)
@@ -299,13 +332,13 @@ def evaluate_samplers(
         seconds = time.perf_counter() - t0
         toks = np.concatenate(tokens)
         texts = [data.tok.decode([int(t) for t in row if t < data.tok.vocab_size]) for row in toks]
-        correct = [score_sorting(r["prompt"], t) for r, t in zip(records, texts)]
+        correct = [data.task.score(r["prompt"], t) for r, t in zip(records, texts)]
         answer_tokens = int(np.sum(toks != dcfg.eos_id))
         results[name] = dict(
             **{k: v for k, v in kw.items() if k in ("cache", "threshold", "factor")},
             accuracy=float(np.mean(correct)),
             position_accuracy=float(
-                np.mean([sorting_position_accuracy(r["prompt"], t) for r, t in zip(records, texts)])
+                np.mean([data.task.partial(r["prompt"], t) for r, t in zip(records, texts)])
             ),
             nfe=nfe,
             tokens_per_step=gen * len(chunks) / nfe,
@@ -382,7 +415,7 @@ def run_dllm_train(
     os.makedirs(out, exist_ok=True)
     mesh = make_mesh(cfg.mesh or None)
     tok = load_tokenizer(cfg.data.tokenizer)
-    data = SortingBatches(cfg.data, tok)
+    data = TaskBatches(cfg.data, tok)
     model, dcfg = build_dllm(cfg.model, tok, mesh, cfg.seed)
     optimizer = step_lib.make_optimizer(cfg.optim)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh)
@@ -456,7 +489,7 @@ def format_eval_table(result: dict) -> str:
     lines = [
         f"{result['num']} held-out prompts, gen length {result['gen_length']}, "
         f"block {result['block_length']}, batch {result['batch']}",
-        f"{'sampler':<18}{'accuracy':>9}{'per-num':>9}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}",
+        f"{'sampler':<18}{'accuracy':>9}{'partial':>9}{'tok/step':>10}{'tok/s':>10}{'speedup':>9}",
     ]
     for name, r in result["samplers"].items():
         speed = r["speedup_vs_baseline"]

@@ -1,11 +1,12 @@
-"""Train the ~100M diffusion LLM on sorting (GPU) and compare the Fast-dLLM samplers on it.
+"""Train a ~100M diffusion LLM on a synthetic task (GPU) and compare the Fast-dLLM samplers.
 
-Runs the `jaxstack train-dllm configs/dllm_sort_100m.yaml` job (training, then every sampler
-on 500 held-out prompts, 100 prompts per call), then reloads the exported checkpoint and times
-the samplers again at batch 1 (one prompt per call, as Fast-dLLM measures; tokens per step is
-then per prompt rather than the batch's slowest row). Writes experiments/results/dllm_sort.json.
+Runs a `jaxstack train-dllm` job (configs/dllm_add_100m.yaml: 10-digit addition;
+configs/dllm_sort_100m.yaml: sorting 8 numbers) -- training, then every sampler on 500 held-out
+prompts, 100 prompts per call -- then reloads the exported checkpoint and times the samplers
+again at batch 1 (one prompt per call, as Fast-dLLM measures; tokens per step is then per prompt
+rather than the batch's slowest row). Writes experiments/results/<config name>.json.
 
-    python experiments/dllm_sort.py [--config configs/dllm_sort_100m.yaml] [--b1-num 100]
+    python experiments/dllm_task.py [--config configs/dllm_add_100m.yaml] [--b1-num 100]
         [key=value ...]
 """
 
@@ -25,7 +26,7 @@ from jaxstack.data.tokenizer import load_tokenizer
 from jaxstack.hf.dllm import load_dllm
 from jaxstack.train.dllm_trainer import (
     DLLMTrainConfig,
-    SortingBatches,
+    TaskBatches,
     evaluate_samplers,
     format_eval_table,
     run_dllm_train,
@@ -44,10 +45,10 @@ def _strip_samples(result: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/dllm_sort_100m.yaml")
+    ap.add_argument("--config", default="configs/dllm_add_100m.yaml")
     ap.add_argument("--b1-num", type=int, default=100, help="prompts for the batch-1 timing")
     ap.add_argument("--b1-samplers", default="baseline,prefix,dual,parallel,dual+parallel")
-    ap.add_argument("--out", default="experiments/results/dllm_sort.json")
+    ap.add_argument("--out", default="", help="default experiments/results/<name>.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = load_config(DLLMTrainConfig, args.config, args.overrides).resolved()
@@ -59,14 +60,14 @@ def main(argv=None) -> int:
     model, dcfg = load_dllm(
         Path(cfg.output_dir, "model"), dtype=getattr(jnp, cfg.model.dtype), mesh=None
     )
-    data = SortingBatches(cfg.data, load_tokenizer(cfg.data.tokenizer))
+    data = TaskBatches(cfg.data, load_tokenizer(cfg.data.tokenizer))
     ev1 = dataclasses.replace(
         cfg.eval, num=args.b1_num, batch=1, samplers=args.b1_samplers.split(",")
     )
     eval_b1 = evaluate_samplers(model, dcfg, data, ev1)
     tokens_per_step_train = cfg.data.batch_size * data.seq_len
     result = {
-        "experiment": "dllm_sort",
+        "experiment": "dllm_task",
         "device": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
         "config": config_to_dict(cfg),
@@ -84,8 +85,9 @@ def main(argv=None) -> int:
         "eval_batched": _strip_samples(eval_main),
         "eval_batch1": _strip_samples(eval_b1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out or f"experiments/results/{cfg.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n== batched ==\n" + format_eval_table(eval_main))
     print("\n== batch 1 ==\n" + format_eval_table(eval_b1))
     return 0
