@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-seq", type=int, default=16384, help="tokens per GPU for scaling")
     ap.add_argument("--long-seqs", default="131072,262144")
     ap.add_argument("--fit-seqs", default="", help="e.g. 131072,262144,524288 (compile only)")
+    ap.add_argument("--fit-max-one", type=int, default=1 << 30, help="longest fit probe on 1 GPU")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny model, float32 (CPU check)")
     ap.add_argument("--out", default="experiments/results/sp_train.json")
@@ -194,16 +195,18 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     bench = Bench(cfg, dtype, "full", args.iters, Path(args.out), meta)
     rows = {}
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:
         uly = 2 if mode == "2d" else None
         if mode == "2d" and (n < 4 or n % 2):
             continue
         rows[mode] = bench.time_step("modes", n, args.compare_seq, mode, uly)
-    one = bench.time_step("scaling", 1, args.base_seq, "auto", None)
+    one = many = {"error": "skipped"}
+    if args.base_seq > 0:
+        one = bench.time_step("scaling", 1, args.base_seq, "auto", None)
     ok = {k: r for k, r in rows.items() if "error" not in r}
     if args.base_seq * n == args.compare_seq and ok:  # already measured: the fastest mode
         many = min(ok.values(), key=lambda r: r["step_s_median"])
-    else:
+    elif args.base_seq > 0:
         many = bench.time_step("scaling", n, args.base_seq * n, "auto", None)
     if "error" not in one and "error" not in many:
         bench.result["scaling"] = dict(
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     for seq in ints(args.long_seqs):
         bench.time_step("long", n, seq, "auto", None)
     for devs in (1, n):
-        for seq in ints(args.fit_seqs):
+        for seq in [x for x in ints(args.fit_seqs) if devs > 1 or x <= args.fit_max_one]:
             if not bench.fits(devs, seq, "auto")["fits"]:
                 break
     bench.out.write_text(json.dumps(bench.result, indent=2) + "\n")

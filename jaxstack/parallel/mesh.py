@@ -136,6 +136,22 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     )
 
 
+def compiler_options(mesh: Mesh | None) -> dict[str, bool] | None:
+    """XLA options for training programs on `mesh` (None: XLA's defaults).
+
+    On GPU with sequence parallelism (mesh sequence > 1) the latency-hiding scheduler is off:
+    to overlap the sequence-parallel collectives it hoists every layer's rematerialized forward
+    ahead of the backward pass, so all layers' MLP activations are live at once and activation
+    checkpointing is undone (Qwen2.5-1.5B shape, 2 H200s, full remat, 128k tokens: 85 GiB of
+    temporaries with it, 13 GiB without; same step time; experiments/NOTES.md).
+    """
+    if mesh is None or mesh.shape.get("sequence", 1) <= 1:
+        return None
+    if mesh.devices.flat[0].platform != "gpu":
+        return None
+    return {"xla_gpu_enable_latency_hiding_scheduler": False}
+
+
 def init_sharded(make, mesh: Mesh | None):
     """Construct the module `make()` with every parameter created in its sharded layout.
 

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstack.parallel.mesh import spec_for, state_shardings, use_mesh
+from jaxstack.parallel.mesh import compiler_options, spec_for, state_shardings, use_mesh
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -231,6 +231,7 @@ def make_train_step(
         donate_argnums=0,
         in_shardings=(state_sh, None),
         out_shardings=(state_sh, replicated),
+        compiler_options=compiler_options(mesh),
     )
 
 
