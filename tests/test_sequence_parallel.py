@@ -543,3 +543,19 @@ def test_two_process_2d_attention_matches_single_process(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_compiler_options_turn_off_latency_hiding_only_for_gpu_sequence_parallel():
+    from types import SimpleNamespace
+
+    from jaxstack.parallel.mesh import compiler_options
+
+    gpu = lambda **shape: SimpleNamespace(  # noqa: E731 -- a mesh-like stand-in
+        shape=shape, devices=np.array([SimpleNamespace(platform="gpu")])
+    )
+    assert compiler_options(gpu(sequence=2, data=1)) == {
+        "xla_gpu_enable_latency_hiding_scheduler": False
+    }
+    assert compiler_options(gpu(sequence=1, data=2)) is None
+    assert compiler_options(None) is None
+    assert compiler_options(_mesh("sequence=4")) is None  # CPU devices: XLA's defaults
