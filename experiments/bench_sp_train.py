@@ -58,8 +58,17 @@ def flops_per_token(cfg: LLMConfig, seq: int) -> float:
 
 
 class Bench:
-    def __init__(self, cfg: LLMConfig, dtype, remat: str, iters: int, out: Path, meta: dict):
-        self.cfg, self.iters, self.out = cfg, iters, out
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        dtype,
+        remat: str,
+        iters: int,
+        out: Path,
+        meta: dict,
+        layout: str = "contiguous",
+    ):
+        self.cfg, self.iters, self.out, self.layout = cfg, iters, out, layout
         model = init_llm(cfg, seed=0, dtype=dtype, param_dtype=jnp.float32, remat=remat)
         # Host copy: the train step donates its state, so every configuration starts from fresh
         # device buffers of the same initial weights.
@@ -99,7 +108,9 @@ class Bench:
         if ulysses:
             row["ulysses_size"] = ulysses
         try:
-            with use_sequence_parallel("auto" if n_dev == 1 else mode, ulysses_size=ulysses):
+            with use_sequence_parallel(
+                "auto" if n_dev == 1 else mode, ulysses_size=ulysses, layout=self.layout
+            ):
                 step, state, batch = self._setup(n_dev, seq)
                 t0 = time.perf_counter()
                 state, m = step(state, batch)
@@ -132,7 +143,7 @@ class Bench:
         """Compile (not run) one step; XLA's memory analysis against the device's memory."""
         row = dict(group="fit", devices=n_dev, seq=seq, mode=mode if n_dev > 1 else "none")
         try:
-            with use_sequence_parallel("auto" if n_dev == 1 else mode):
+            with use_sequence_parallel("auto" if n_dev == 1 else mode, layout=self.layout):
                 step, state, batch = self._setup(n_dev, seq)
                 compiled = step.lower(state, batch).compile()
             mem = compiled.memory_analysis()
@@ -164,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-seqs", default="131072,262144")
     ap.add_argument("--fit-seqs", default="", help="e.g. 131072,262144,524288 (compile only)")
     ap.add_argument("--fit-max-one", type=int, default=1 << 30, help="longest fit probe on 1 GPU")
+    ap.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny model, float32 (CPU check)")
     ap.add_argument("--out", default="experiments/results/sp_train.json")
@@ -189,11 +201,11 @@ def main(argv=None) -> int:
         dtype=jnp.dtype(dtype).name,
         remat="full",
         batch=1,
-        layout="contiguous",
+        layout=args.layout,
         note="ring and 2d blocks: cuDNN with external softmax statistics where available",
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    bench = Bench(cfg, dtype, "full", args.iters, Path(args.out), meta)
+    bench = Bench(cfg, dtype, "full", args.iters, Path(args.out), meta, args.layout)
     rows = {}
     for mode in [m for m in args.modes.split(",") if m]:
         uly = 2 if mode == "2d" else None

@@ -435,16 +435,19 @@ def _tree_rel(a, b) -> float:
 
 
 @pytest.mark.parametrize(
-    "spec,mode,collective",
+    "spec,mode,collective,layout",
     [
-        ("data=2,sequence=4", "ring", "ppermute"),
-        ("sequence=4", "2d", "ppermute"),  # 2 ring groups x 2 Ulysses
+        ("data=2,sequence=4", "ring", "ppermute", "contiguous"),
+        ("sequence=4", "2d", "ppermute", "contiguous"),  # 2 ring groups x 2 Ulysses
+        ("sequence=2", "ring", "ppermute", "zigzag"),  # segments cross the zigzag chunks
+        ("sequence=4", "ulysses", "all_to_all", "zigzag"),
     ],
 )
-def test_llm_loss_and_grads_with_sequence_parallelism(spec, mode, collective):
+def test_llm_loss_and_grads_with_sequence_parallelism(spec, mode, collective, layout):
     ref_loss, ref_grads, ref_text = _llm_reference()
     assert "all_to_all" not in ref_text and "ppermute" not in ref_text
-    with use_sequence_parallel(mode, ulysses_size=2 if mode == "2d" else None):
+    uly = 2 if mode == "2d" else None
+    with use_sequence_parallel(mode, ulysses_size=uly, layout=layout):
         value, grads, text = _loss_and_grads(_mesh(spec))
     assert collective in text, f"{spec} {mode}: the attention did not go through shard_map"
     assert abs(value - ref_loss) / abs(ref_loss) <= TOL

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxstack.nn.attention import dot_product_attention, make_attn_mask
@@ -24,6 +25,7 @@ from jaxstack.parallel.sequence import (
     sequence_parallel_attention,
     sequence_parallel_options,
     sequence_parallel_size,
+    zigzag_permutation,
 )
 
 Array = jax.Array
@@ -317,6 +319,7 @@ def _sequence_parallel(q, k, v, *, causal, segment_ids):
         causal=causal,
         segment_ids=segment_ids,
         ulysses_size=opts.ulysses_size,
+        layout=opts.layout,
         implementation=opts.implementation,
     )
 
@@ -520,6 +523,13 @@ class LLM(nnx.Module):
         sp = sequence_parallel_size(current_mesh())
         if sp > 1 and t % sp == 0 and input_mask is None and mask_ar is None:
             # Sequence parallelism: segment ids go to the shard_map attention (no dense mask).
+            zigzag = sequence_parallel_options().layout == "zigzag"
+            if zigzag:  # store the sequence in zigzag order; hidden states come back in order
+                perm = zigzag_permutation(t, sp)
+                x = constrain(jnp.take(x, perm, axis=1), ("batch", "seq", "act_embed"))
+                positions = jnp.take(positions, perm, axis=1)
+                if segment_ids is not None:
+                    segment_ids = jnp.take(segment_ids, perm, axis=1)
             hidden, _ = self._run_layers(
                 x,
                 positions,
@@ -529,6 +539,9 @@ class LLM(nnx.Module):
                 segment_ids=segment_ids,
                 sequence_parallel=True,
             )
+            if zigzag:
+                hidden = jnp.take(hidden, np.argsort(perm).astype(np.int32), axis=1)
+                hidden = constrain(hidden, ("batch", "seq", "act_embed"))
             return hidden
         if segment_ids is None and input_mask is None and mask_ar is None:
             mask, causal = None, self.cfg.causal

@@ -111,11 +111,16 @@ class SequenceParallelOptions:
     ulysses_size: Ulysses group size for "2d" (default: chosen as in "auto").
     implementation: block implementation for the ring (None = best available; "cudnn" /
     "dense" force the static-mask ring, "reference" / "pallas_triton" the general ring).
+    layout: how the LLM stores the sequence on the devices: "contiguous", or "zigzag" (the
+    model permutes token ids, positions and segment ids into zigzag order before embedding
+    and its hidden states back at the end, so callers see position order; balances causal
+    ring work).
     """
 
     mode: str = "auto"
     ulysses_size: int | None = None
     implementation: str | None = None
+    layout: str = "contiguous"
 
 
 _OPTIONS: contextvars.ContextVar[SequenceParallelOptions | None] = contextvars.ContextVar(
@@ -125,12 +130,17 @@ _OPTIONS: contextvars.ContextVar[SequenceParallelOptions | None] = contextvars.C
 
 @contextlib.contextmanager
 def use_sequence_parallel(
-    mode: str = "auto", ulysses_size: int | None = None, implementation: str | None = None
+    mode: str = "auto",
+    ulysses_size: int | None = None,
+    implementation: str | None = None,
+    layout: str = "contiguous",
 ) -> Iterator[SequenceParallelOptions]:
     """Set the sequence-parallel options read by models traced inside this context."""
     if mode not in ("auto", *MODES):
         raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
-    token = _OPTIONS.set(SequenceParallelOptions(mode, ulysses_size, implementation))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    token = _OPTIONS.set(SequenceParallelOptions(mode, ulysses_size, implementation, layout))
     try:
         yield sequence_parallel_options()
     finally:
