@@ -69,9 +69,38 @@ class DataSection:
 
 
 @dataclasses.dataclass
+class SequenceParallelSection:
+    """Attention routing when the mesh has sequence > 1 (`jaxstack.parallel.use_sequence_parallel`):
+    mode "auto" | "ulysses" | "ring" | "2d"; ulysses_size for "2d" (0 = chosen from the heads);
+    layout "contiguous" | "zigzag" (balanced causal ring work)."""
+
+    mode: str = "auto"
+    ulysses_size: int = 0
+    layout: str = "contiguous"
+
+    def __post_init__(self):
+        from jaxstack.parallel.sequence import LAYOUTS, MODES
+
+        if self.mode not in ("auto", *MODES):
+            raise ValueError(f"sequence_parallel.mode must be auto or one of {MODES}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"sequence_parallel.layout must be one of {LAYOUTS}")
+        if self.ulysses_size < 0:
+            raise ValueError("sequence_parallel.ulysses_size must be >= 0")
+
+    def context(self):
+        from jaxstack.parallel.sequence import use_sequence_parallel
+
+        return use_sequence_parallel(
+            self.mode, ulysses_size=self.ulysses_size or None, layout=self.layout
+        )
+
+
+@dataclasses.dataclass
 class TrainJobConfig:
     """One training job. optim.total_steps = 0 means "= steps" (the cosine spans the run);
-    mesh: e.g. "fsdp=4,tensor=2" ("" = data parallel over all devices)."""
+    mesh: e.g. "fsdp=4,tensor=2" or "data=2,sequence=4" ("" = data parallel over all devices);
+    sequence_parallel: how attention runs when the mesh has sequence > 1."""
 
     name: str = "train_tiny"
     output_dir: str = ""  # "" = runs/<name>
@@ -85,6 +114,9 @@ class TrainJobConfig:
     keep_checkpoints: int = 3
     log_every: int = 5
     mesh: str = ""
+    sequence_parallel: SequenceParallelSection = dataclasses.field(
+        default_factory=SequenceParallelSection
+    )
     seed: int = 0
     eval: int = 128  # held-out synthetic prompts answered (greedy) at the end; 0 = skip
     max_new_tokens: int = 6
@@ -249,6 +281,9 @@ def run_train(cfg: TrainJobConfig, *, resume: bool = True, stop_after: int | Non
             bar.set_postfix(loss=f"{m['loss']:.4f}")
 
     pending = None  # (step, device metrics) read one step late, so the device never idles
+    # The step is traced, and its attention routed, on its first call inside the loop.
+    sp_context = cfg.sequence_parallel.context()
+    sp_context.__enter__()
     try:
         for i, batch in zip(range(start, end), data.iterate(start, end)):
             batch = step_lib.place_batch(mesh, {k: batch[k] for k in BATCH_KEYS})
@@ -265,6 +300,7 @@ def run_train(cfg: TrainJobConfig, *, resume: bool = True, stop_after: int | Non
         if pending is not None:
             finish(*pending)
     finally:
+        sp_context.__exit__(None, None, None)
         bar.close()
         logger.close()
         ckpt.close()
