@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_llm_train import flops_per_token  # same formula as the single-GPU benchmark
 from flax import nnx
 
 from jaxstack.models.llm import LLMConfig, init_llm
@@ -43,18 +44,6 @@ from jaxstack.train.step import (
     make_train_step,
     place_batch,
 )
-
-
-def flops_per_token(cfg: LLMConfig, seq: int) -> float:
-    d, f, h, nq, nkv = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.head_dim,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-    )
-    n_matmul = cfg.num_layers * (d * h * (2 * nq + 2 * nkv) + 3 * d * f) + d * cfg.vocab_size
-    return 6 * n_matmul + 6 * cfg.num_layers * seq * nq * h
 
 
 class Bench:
