@@ -55,29 +55,38 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 def default_block_sizes(head_dim: int, dtype: jnp.dtype | type = jnp.bfloat16) -> dict[str, int]:
     """Default tiles and launch parameters for one head dimension and input dtype.
 
-    Checked by compiling the kernels' Triton IR for sm_90 (Triton 3.9, ptxas): with 2 pipeline
-    stages, bf16 at head_dim 128 uses 96/97/81 KiB of shared memory (fwd/dq/dkdv; the limit is
-    227 KiB) and no register spills at 8 warps (4 warps spill); head_dim 64 at 4 warps and 256
-    at 8 warps do not spill either. float32 (IEEE dots, no tensor-core tiles) gets tiles halved.
+    head_dim 128, bf16: chosen by ``experiments/sweep_flash_tiles.py`` on an H200 (jax 0.11.2;
+    results in experiments/results/flash_attention_tiles.json): forward 128x128 tiles, 8 warps,
+    3 pipeline stages (0.70-0.77x cuDNN; 4 stages overflow shared memory); backward 64x64 tiles,
+    4 warps, 2 stages (2.2x faster than 8 warps, which the register count had suggested).
+    head_dim 64 (4 warps) and 256 (8 warps) keep 2-stage tiles that compile without spills.
+    float32 (IEEE dots, no tensor-core tiles) gets tiles halved and 2 stages.
 
     Args:
       head_dim: attention head dimension H.
       dtype: input dtype (bf16/fp16 share defaults; 4-byte dtypes get half-size tiles).
 
     Returns:
-      dict with ``block_q``, ``block_k`` (forward), ``block_q_bwd``, ``block_k_bwd`` (both
-      backward kernels), ``num_warps``, ``num_warps_bwd`` and ``num_stages``.
+      dict with ``block_q``, ``block_k``, ``num_warps``, ``num_stages`` (forward) and
+      ``block_q_bwd``, ``block_k_bwd``, ``num_warps_bwd``, ``num_stages_bwd`` (both backward
+      kernels).
     """
+    stages = 2
     if head_dim <= 64:
-        cfg = dict(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4)
+        cfg = dict(block_q=64, block_k=64, num_warps=4, block_q_bwd=64, block_k_bwd=64)
+        cfg["num_warps_bwd"] = 4
     elif head_dim <= 128:
-        cfg = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8)
+        cfg = dict(block_q=128, block_k=128, num_warps=8, block_q_bwd=64, block_k_bwd=64)
+        cfg["num_warps_bwd"] = 4
+        stages = 3
     else:
-        cfg = dict(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32, num_warps=8)
+        cfg = dict(block_q=64, block_k=32, num_warps=8, block_q_bwd=32, block_k_bwd=32)
+        cfg["num_warps_bwd"] = 8
     if jnp.dtype(dtype).itemsize >= 4:
         cfg = {k: (max(16, v // 2) if k.startswith("block") else v) for k, v in cfg.items()}
-    cfg["num_warps_bwd"] = cfg["num_warps"]
-    cfg["num_stages"] = 2
+        stages = 2
+    cfg["num_stages"] = stages
+    cfg["num_stages_bwd"] = 2
     return cfg
 
 
@@ -290,6 +299,10 @@ def block_attention_fwd(
     """
     _check_inputs(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     h = q.shape[3]
+    if scale is not None and not scale > 0:
+        raise ValueError(
+            f"scale must be > 0 (the kernel takes row maxima before scaling); got {scale}"
+        )
     cfg = default_block_sizes(h, q.dtype)
     return _fwd(
         q,
@@ -532,6 +545,6 @@ def block_attention_bwd(
         block_q=_fit_block(block_q or cfg["block_q_bwd"], t),
         block_k=_fit_block(block_k or cfg["block_k_bwd"], k.shape[1]),
         num_warps=num_warps or cfg["num_warps_bwd"],
-        num_stages=num_stages or cfg["num_stages"],
+        num_stages=num_stages or cfg["num_stages_bwd"],
         interpret=_default_interpret(interpret),
     )

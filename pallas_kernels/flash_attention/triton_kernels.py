@@ -167,18 +167,26 @@ def fwd_kernel(
         sl = pl.ds(start, block_k)
         k = k_ref[sl, :]
         v = v_ref[sl, :]
-        s = _dot(q, k, (1, 1)) * scale_log2  # [bq, bk], log2 domain
-        mask = None
-        if masked:
-            mask = _mask(
-                q_pos,
-                kv_pos_ref[sl],
-                q_seg,
-                kv_seg_ref[sl] if has_segments else None,
-                start,
-                causal=causal,
-                s_valid=s_valid,
-            )
+        qk = _dot(q, k, (1, 1))  # [bq, bk]
+        if not masked:
+            # Row max of the raw logits, scaled once per row, so that the scale and the max
+            # subtraction fuse into one FMA per logit (the exp stage bounds this loop).
+            m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1) * scale_log2)
+            alpha = jnp.exp2(m_prev - m_new)
+            p = jnp.exp2(qk * scale_log2 - m_new[:, None])
+            l_new = alpha * l_prev + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+            return acc, m_new, l_new
+        s = qk * scale_log2  # log2 domain
+        mask = _mask(
+            q_pos,
+            kv_pos_ref[sl],
+            q_seg,
+            kv_seg_ref[sl] if has_segments else None,
+            start,
+            causal=causal,
+            s_valid=s_valid,
+        )
         if mask is not None:
             s = jnp.where(mask, s, _MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
