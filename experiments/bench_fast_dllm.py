@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         "benchmark": "fast_dllm",
         "device": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "preset": args.preset,
         "prompt_len": args.prompt,
         "block_length": args.block,

@@ -95,6 +95,22 @@ def test_cache_prefill_and_steps_equal_full_forward(causal):
     assert int(cache.index) == 9
 
 
+def test_decode_step_logits_index_selects_columns_and_keeps_the_cache():
+    cfg = LLMConfig(architecture="qwen3", qk_norm=True, causal=False)
+    model = init_llm(cfg, seed=4)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 7)))
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    cache = KVCache.init(cfg, 2, 8, dtype=jnp.float32)
+    idx = jnp.asarray([3, 0, 3, 6])
+    step = nnx.jit(lambda m, c, i: m.decode_step(c, ids, positions=pos, logits_index=i))
+    logits, new_cache = _decode_step(model, cache, ids, pos)
+    picked, picked_cache = step(model, cache, idx)
+    assert picked.shape == (2, 4, cfg.vocab_size)
+    np.testing.assert_allclose(picked, logits[:, np.asarray(idx)], rtol=1e-6, atol=1e-6)
+    for a, b in zip(new_cache.k + new_cache.v, picked_cache.k + picked_cache.v, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_left_padding_matches_unpadded():
     cfg = LLMConfig()
     model = init_llm(cfg, seed=3)

@@ -196,19 +196,16 @@ class _Static:
     trace: bool
 
 
-def _block_logits_full(logits_blv: Array, s: Array, bk: int, shift: bool) -> Array:
-    """Block [s, s + bk) prediction logits from full-sequence logits (Dream: from i - 1)."""
+def _block_index(s: Array | int, bk: int, shift: bool) -> Array:
+    """Sequence columns whose logits predict block [s, s + bk) (Dream: column i - 1)."""
     idx = s + jnp.arange(bk)
-    if shift:
-        idx = jnp.maximum(idx - 1, 0)
-    return jnp.take(logits_blv, idx, axis=1)
+    return jnp.maximum(idx - 1, 0) if shift else idx
 
 
-def _window_block_logits(logits_btv: Array, bk: int, shift: bool) -> Array:
-    """Block logits from a query window starting at the block (Dream: shift inside window)."""
-    if shift:
-        return jnp.concatenate([logits_btv[:, :1], logits_btv[:, : bk - 1]], axis=1)
-    return logits_btv[:, :bk]
+def _full_block_logits(model, x: Array, s: Array, bk: int, shift: bool) -> Array:
+    """Block logits of a full (uncached) forward; the LM head runs on the block's columns only."""
+    hidden = model.hidden_states(x)
+    return model.logits(jnp.take(hidden, _block_index(s, bk, shift), axis=1))
 
 
 def _commit(x_bl, block_logits, s, step, sched, st: _Static, key, is_first):
@@ -281,32 +278,45 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
         j = jnp.clip(i - offset, 0, steps - 1)
         return jax.lax.dynamic_index_in_dim(sched_all, j, axis=1, keepdims=False)
 
-    # Step 0: full forward (and the cache refresh).
+    # Step 0: full forward (and the cache refresh). Only the block's logits are computed; the
+    # trace also keeps the unshifted block logits, so it asks for the block's columns too.
+    idx = _block_index(s, bk, shift)
+    if st.trace:
+        idx = jnp.concatenate([idx, s + jnp.arange(bk)])
     if st.cache is None:
-        logits = model(x)
+        logits = model.logits(jnp.take(model.hidden_states(x), idx, axis=1))
         cache = None
     else:
         empty = KVCache.init(model.cfg, b, total, dtype=st.cache_dtype)
-        logits, cache = model.decode_step(empty, x, positions=_positions(b, 0, total))
+        logits, cache = model.decode_step(
+            empty, x, positions=_positions(b, 0, total), logits_index=idx
+        )
         cache = _pad_cache(cache, st.cache_len - total)
-    first = _block_logits_full(logits, s, bk, shift)
-    x = _commit(x, first, s, nfe, sched_at(0), st, key, is_first=True)
-    trace_logits = jax.lax.dynamic_slice_in_dim(logits, s, bk, axis=1) if st.trace else None
+    x = _commit(x, logits[:, :bk], s, nfe, sched_at(0), st, key, is_first=True)
+    trace_logits = logits[:, bk:] if st.trace else None
+
+    # Cached steps: the query window starts at the block, so its block logits come from
+    # window columns 0..bk-1 (Dream: 0, 0..bk-2).
+    window_idx = _block_index(0, bk, shift)
 
     def step_logits(x):
         if st.cache is None:
-            return _block_logits_full(model(x), s, bk, shift)
+            return _full_block_logits(model, x, s, bk, shift)
         at_s = dataclasses.replace(cache, index=s)
         if st.cache == "prefix":
             pad = st.cache_len - total
             q = jnp.pad(x, ((0, 0), (0, pad)), constant_values=st.mask_id)
             q = jax.lax.dynamic_slice_in_dim(q, s, window, axis=1)
             pos = _positions(b, s, window)
-            out, _ = model.decode_step(at_s, q, positions=pos, input_mask=pos < total)
+            out, _ = model.decode_step(
+                at_s, q, positions=pos, input_mask=pos < total, logits_index=window_idx
+            )
         else:
             q = jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1)
-            out, _ = model.decode_step(at_s, q, positions=_positions(b, s, bk), visible_len=total)
-        return _window_block_logits(out, bk, shift)
+            out, _ = model.decode_step(
+                at_s, q, positions=_positions(b, s, bk), visible_len=total, logits_index=window_idx
+            )
+        return out
 
     # Every step commits >= 1 token per unfinished row (rank 1 / the k_i schedule), so a block
     # ends within max(s_b, Bk) steps; the bound only guards against a broken invariant.

@@ -567,6 +567,7 @@ class LLM(nnx.Module):
         positions: Array,
         input_mask: Array | None = None,
         visible_len: Array | int | None = None,
+        logits_index: Array | None = None,
     ) -> tuple[Array, KVCache]:
         """Run T new tokens through the model against `cache`; returns (logits [B,T,V], cache).
 
@@ -575,7 +576,8 @@ class LLM(nnx.Module):
         prefill). A new token attends to earlier real slots (and, if the model is bidirectional,
         to the other new tokens). visible_len (bidirectional models only): attend to every real
         slot < visible_len instead, e.g. the whole cache for a DualCache step whose suffix K/V
-        were cached earlier.
+        were cached earlier. logits_index int [K]: return logits [B, K, V] of these new-token
+        columns only (the LM head skips the others; the cache is the same).
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
@@ -593,6 +595,8 @@ class LLM(nnx.Module):
         mask = (allowed[None] & kv_mask[:, None, :])[:, None]  # [B, 1, T, S]
         hidden, (ks, vs) = self._run_layers(x, positions, mask=mask, causal=False, cache=cache)
         new_cache = KVCache(k=ks, v=vs, kv_mask=kv_mask, index=cache.index + t)
+        if logits_index is not None:
+            hidden = jnp.take(hidden, logits_index, axis=1)
         return self.logits(hidden), new_cache
 
 
