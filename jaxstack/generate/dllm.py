@@ -202,10 +202,10 @@ def _block_index(s: Array | int, bk: int, shift: bool) -> Array:
     return jnp.maximum(idx - 1, 0) if shift else idx
 
 
-def _full_block_logits(model, x: Array, s: Array, bk: int, shift: bool) -> Array:
-    """Block logits of a full (uncached) forward; the LM head runs on the block's columns only."""
-    hidden = model.hidden_states(x)
-    return model.logits(jnp.take(hidden, _block_index(s, bk, shift), axis=1))
+def _full_logits_at(model, x: Array, idx: Array) -> Array:
+    """Logits [B, K, V] of columns idx of a full (uncached) forward; the LM head runs on those
+    columns only."""
+    return model.logits(jnp.take(model.hidden_states(x), idx, axis=1))
 
 
 def _commit(x_bl, block_logits, s, step, sched, st: _Static, key, is_first):
@@ -280,11 +280,10 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
 
     # Step 0: full forward (and the cache refresh). Only the block's logits are computed; the
     # trace also keeps the unshifted block logits, so it asks for the block's columns too.
-    idx = _block_index(s, bk, shift)
-    if st.trace:
-        idx = jnp.concatenate([idx, s + jnp.arange(bk)])
+    block_idx = _block_index(s, bk, shift)
+    idx = jnp.concatenate([block_idx, s + jnp.arange(bk)]) if st.trace else block_idx
     if st.cache is None:
-        logits = model.logits(jnp.take(model.hidden_states(x), idx, axis=1))
+        logits = _full_logits_at(model, x, idx)
         cache = None
     else:
         empty = KVCache.init(model.cfg, b, total, dtype=st.cache_dtype)
@@ -301,7 +300,7 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
 
     def step_logits(x):
         if st.cache is None:
-            return _full_block_logits(model, x, s, bk, shift)
+            return _full_logits_at(model, x, block_idx)
         at_s = dataclasses.replace(cache, index=s)
         if st.cache == "prefix":
             pad = st.cache_len - total

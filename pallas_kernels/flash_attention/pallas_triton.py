@@ -71,22 +71,20 @@ def default_block_sizes(head_dim: int, dtype: jnp.dtype | type = jnp.bfloat16) -
       ``block_q_bwd``, ``block_k_bwd``, ``num_warps_bwd``, ``num_stages_bwd`` (both backward
       kernels).
     """
-    stages = 2
+    bwd = dict(num_stages_bwd=2)
     if head_dim <= 64:
-        cfg = dict(block_q=64, block_k=64, num_warps=4, block_q_bwd=64, block_k_bwd=64)
-        cfg["num_warps_bwd"] = 4
+        fwd = dict(block_q=64, block_k=64, num_warps=4, num_stages=2)
+        bwd.update(block_q_bwd=64, block_k_bwd=64, num_warps_bwd=4)
     elif head_dim <= 128:
-        cfg = dict(block_q=128, block_k=128, num_warps=8, block_q_bwd=64, block_k_bwd=64)
-        cfg["num_warps_bwd"] = 4
-        stages = 3
+        fwd = dict(block_q=128, block_k=128, num_warps=8, num_stages=3)
+        bwd.update(block_q_bwd=64, block_k_bwd=64, num_warps_bwd=4)
     else:
-        cfg = dict(block_q=64, block_k=32, num_warps=8, block_q_bwd=32, block_k_bwd=32)
-        cfg["num_warps_bwd"] = 8
+        fwd = dict(block_q=64, block_k=32, num_warps=8, num_stages=2)
+        bwd.update(block_q_bwd=32, block_k_bwd=32, num_warps_bwd=8)
+    cfg = {**fwd, **bwd}
     if jnp.dtype(dtype).itemsize >= 4:
         cfg = {k: (max(16, v // 2) if k.startswith("block") else v) for k, v in cfg.items()}
-        stages = 2
-    cfg["num_stages"] = stages
-    cfg["num_stages_bwd"] = 2
+        cfg["num_stages"] = 2
     return cfg
 
 

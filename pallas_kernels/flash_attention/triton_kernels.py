@@ -139,6 +139,20 @@ def _mask(
     return mask
 
 
+def _kv_block_mask(q_pos, q_seg, kv_pos_ref, kv_seg_ref, sl, start, *, causal, s_valid):
+    """Mask of KV block ``sl`` (starting at ``start``) for a kernel's whole q block: the
+    forward and dq kernels loop over KV blocks with the q block fixed."""
+    return _mask(
+        q_pos,
+        kv_pos_ref[sl],
+        q_seg,
+        None if kv_seg_ref is None else kv_seg_ref[sl],
+        start,
+        causal=causal,
+        s_valid=s_valid,
+    )
+
+
 def fwd_kernel(
     rng_ref,
     q_pos_ref,
@@ -156,7 +170,7 @@ def fwd_kernel(
         q_seg = q_seg_ref[...]
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-        q_seg = None
+        q_seg = kv_seg_ref = None
     q = q_ref[...]  # [bq, H]
     q_pos = q_pos_ref[...]  # [bq]
     block_q, head_dim = q.shape
@@ -168,32 +182,21 @@ def fwd_kernel(
         k = k_ref[sl, :]
         v = v_ref[sl, :]
         qk = _dot(q, k, (1, 1))  # [bq, bk]
-        if not masked:
+        mask = None
+        if masked:
+            mask = _kv_block_mask(
+                q_pos, q_seg, kv_pos_ref, kv_seg_ref, sl, start, causal=causal, s_valid=s_valid
+            )
+        if mask is None:
             # Row max of the raw logits, scaled once per row, so that the scale and the max
             # subtraction fuse into one FMA per logit (the exp stage bounds this loop).
             m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1) * scale_log2)
-            alpha = jnp.exp2(m_prev - m_new)
             p = jnp.exp2(qk * scale_log2 - m_new[:, None])
-            l_new = alpha * l_prev + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
-            return acc, m_new, l_new
-        s = qk * scale_log2  # log2 domain
-        mask = _mask(
-            q_pos,
-            kv_pos_ref[sl],
-            q_seg,
-            kv_seg_ref[sl] if has_segments else None,
-            start,
-            causal=causal,
-            s_valid=s_valid,
-        )
-        if mask is not None:
-            s = jnp.where(mask, s, _MASK_VALUE)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        else:
+            s = jnp.where(mask, qk * scale_log2, _MASK_VALUE)  # log2 domain
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+            p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
         alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
         return acc, m_new, l_new
@@ -231,7 +234,7 @@ def dq_kernel(
         q_seg = q_seg_ref[...]
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-        q_seg = None
+        q_seg = kv_seg_ref = None
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...] * LOG2E  # [bq], log2 domain
@@ -247,14 +250,8 @@ def dq_kernel(
         s = _dot(q, k, (1, 1)) * scale_log2
         p = jnp.exp2(s - lse2[:, None])
         if masked:
-            mask = _mask(
-                q_pos,
-                kv_pos_ref[sl],
-                q_seg,
-                kv_seg_ref[sl] if has_segments else None,
-                start,
-                causal=causal,
-                s_valid=s_valid,
+            mask = _kv_block_mask(
+                q_pos, q_seg, kv_pos_ref, kv_seg_ref, sl, start, causal=causal, s_valid=s_valid
             )
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
