@@ -166,6 +166,9 @@ def reference_generate(
         ("llada", 0.0, "low_confidence", GEN),
         ("llada", 1.0, "random", GEN // 2),  # k_i = 2 tokens per step
         ("dream", 0.7, "low_confidence", GEN),
+        # more steps than block tokens: the k_i tail is zero and the block ends early
+        ("llada", 0.0, "low_confidence", 2 * GEN),
+        ("dream", 0.0, "low_confidence", 2 * GEN),
     ],
 )
 def test_baseline_matches_reference(kind, temperature, remasking, steps):
@@ -198,7 +201,7 @@ def test_baseline_matches_reference(kind, temperature, remasking, steps):
     np.testing.assert_array_equal(np.asarray(out.sequences), ref)
     assert out.nfe == ref_nfe == sum(out.nfe_per_block)
     if kind == "llada":
-        assert out.nfe == steps  # k_i sums to the block size within s_b steps
+        assert out.nfe == min(steps, GEN)  # k_i sums to the block size within min(s_b, Bk) steps
     assert not (ref[:, LP:] == MASK).all()  # the model predicts real tokens
 
 

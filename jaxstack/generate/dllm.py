@@ -6,7 +6,8 @@ prompt, block by block (semi-autoregressive). Per block [s, e) of `block_length`
 
 * step 0 is one full forward over the whole sequence. With a cache it also (re)builds the
   per-layer K/V cache (post-RoPE K, absolute positions); it counts as one NFE.
-* then, while the block still holds a [MASK] (`lax.while_loop`), one more forward per step:
+* then, while the block still holds a [MASK], one more forward per step (a loop with a static
+  trip count under the k_i schedule, a `lax.while_loop` under the threshold / factor rules):
   cache=None: the full sequence again; cache="prefix": the queries x[s:] (in a bucketed
   window, see below) against the cached K/V of positions < s; cache="dual": only the block's
   tokens, whose fresh K/V replace slots [s, e) of the cache before they attend to the whole
@@ -298,42 +299,71 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
     # window columns 0..bk-1 (Dream: 0, 0..bk-2).
     window_idx = _block_index(0, bk, shift)
 
-    def step_logits(x):
+    def step_logits(x, cache):
+        """Block logits of one step; with a cache also the cache holding this step's K/V. The
+        loop carries that cache so the step's K/V land in place: the next step rewrites the
+        same slots (the block, or the whole prefix window) before attending, so what it
+        reads is unchanged."""
         if st.cache is None:
-            return _full_logits_at(model, x, block_idx)
+            return _full_logits_at(model, x, block_idx), None
         at_s = dataclasses.replace(cache, index=s)
         if st.cache == "prefix":
             pad = st.cache_len - total
             q = jnp.pad(x, ((0, 0), (0, pad)), constant_values=st.mask_id)
             q = jax.lax.dynamic_slice_in_dim(q, s, window, axis=1)
             pos = _positions(b, s, window)
-            out, _ = model.decode_step(
+            out, cache = model.decode_step(
                 at_s, q, positions=pos, input_mask=pos < total, logits_index=window_idx
             )
         else:
             q = jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1)
-            out, _ = model.decode_step(
+            out, cache = model.decode_step(
                 at_s, q, positions=_positions(b, s, bk), visible_len=total, logits_index=window_idx
             )
-        return out
-
-    # Every step commits >= 1 token per unfinished row (rank 1 / the k_i schedule), so a block
-    # ends within max(s_b, Bk) steps; the bound only guards against a broken invariant.
-    max_steps = max(st.steps_per_block, bk) + 1
-
-    def cond(carry):
-        x, _, i = carry
-        has_mask = jnp.any(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id)
-        return has_mask & (i < max_steps)
+        return out, cache
 
     def body(carry):
-        x, nfe, i = carry
-        x = _commit(x, step_logits(x), s, nfe, sched_at(i), st, key, is_first=False)
-        return x, nfe + 1, i + 1
+        x, nfe, i, cache = carry
+        logits, cache = step_logits(x, cache)
+        x = _commit(x, logits, s, nfe, sched_at(i), st, key, is_first=False)
+        return x, nfe + 1, i + 1, cache
 
     one = jnp.ones((), jnp.int32)
-    x, nfe_out, i = jax.lax.while_loop(cond, body, (x, nfe + one, one))
+    carry = (x, nfe + one, one, cache)
+    fixed = _fixed_step_count(st)
+    if fixed is not None:
+        # The k_i schedule fills the (all-[MASK]) block in a step count known here: a loop
+        # with a static trip count, which XLA runs without reading a predicate back to the
+        # host between steps.
+        carry = jax.lax.fori_loop(0, fixed, lambda _, c: body(c), carry)
+    else:
+        # Threshold / factor rules: data-dependent length. Every step commits >= 1 token per
+        # unfinished row (rank 1), so a block ends within Bk steps; the bound only guards
+        # against a broken invariant.
+        max_steps = max(st.steps_per_block, bk) + 1
+
+        def cond(carry):
+            x, _, i, _ = carry
+            has_mask = jnp.any(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id)
+            return has_mask & (i < max_steps)
+
+        carry = jax.lax.while_loop(cond, body, carry)
+    x, nfe_out, i, _ = carry
     return x, nfe_out, i, trace_logits
+
+
+def _fixed_step_count(st: _Static) -> int | None:
+    """Cached steps after step 0 under the k_i schedule (None for threshold / factor rules).
+
+    A block starts all [MASK] (n = Bk). LLaDA: step 0 commits k_0 of min(s_b, Bk) nonzero
+    k_i, the loop the rest. Dream: step 0 commits the first token, the loop spreads Bk - 1
+    over max(s_b - 1, 1) steps, min(that, Bk - 1) of them nonzero."""
+    if st.threshold is not None or st.factor is not None:
+        return None
+    bk = st.block_length
+    if st.kind == "dream":
+        return min(max(st.steps_per_block - 1, 1), bk - 1)
+    return min(st.steps_per_block, bk) - 1
 
 
 def dllm_generate(
