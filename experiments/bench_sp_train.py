@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         )
     for seq in ints(args.long_seqs):
         bench.time_step("long", n, seq, "auto", None)
-    for devs in (1, n):
+    for devs in sorted({1, n}):
         for seq in [x for x in ints(args.fit_seqs) if devs > 1 or x <= args.fit_max_one]:
             if not bench.fits(devs, seq, "auto")["fits"]:
                 break
