@@ -28,10 +28,16 @@ from jaxstack.generate.dllm import dllm_generate
 from jaxstack.models.dllm import DLLMConfig, init_dllm
 
 
-def time_mode(model, dcfg, prompt, length, block, cache, repeats, prefix_bucket):
+def generate_kwargs(dcfg, length, block, cache, prefix_bucket) -> dict:
+    """`dllm_generate` settings of one benchmark point: one token per step (steps = length)."""
     kw = dict(gen_length=length, block_length=block, steps=length, cache=cache)
     kw.update(prefix_bucket=prefix_bucket)
     kw.update(mask_id=dcfg.mask_id, kind=dcfg.kind)
+    return kw
+
+
+def time_mode(model, dcfg, prompt, length, block, cache, repeats, prefix_bucket):
+    kw = generate_kwargs(dcfg, length, block, cache, prefix_bucket)
     t0 = time.perf_counter()
     out = dllm_generate(model, prompt, **kw)  # compiles
     jax.block_until_ready(out.tokens)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_flash_attention import timed  # same timing loop as the other benchmarks
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,14 +27,7 @@ from jaxstack.parallel import make_mesh, sequence_parallel_attention, to_zigzag
 
 
 def median_time(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: fn(*args), warmup=2, iters=iters))
 
 
 def grad_fn(attn):

@@ -26,6 +26,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_fast_dllm import generate_kwargs  # the benchmark's settings of one point
+from bench_flash_attention import timed  # same timing loop as the benchmarks
 
 from jaxstack.generate.dllm import dllm_generate
 from jaxstack.models.dllm import DLLMConfig, init_dllm
@@ -93,8 +95,7 @@ def summarize_trace(path: str, top: int = 15) -> dict:
 
 
 def profile_mode(model, dcfg, prompt, length, cache, prefix_bucket):
-    kw = dict(gen_length=length, block_length=32, steps=length, cache=cache)
-    kw.update(prefix_bucket=prefix_bucket, mask_id=dcfg.mask_id, kind=dcfg.kind)
+    kw = generate_kwargs(dcfg, length, 32, cache, prefix_bucket)
     jax.block_until_ready(dllm_generate(model, prompt, **kw).tokens)
     t0 = time.perf_counter()
     out = dllm_generate(model, prompt, **kw)
@@ -110,13 +111,7 @@ def profile_mode(model, dcfg, prompt, length, cache, prefix_bucket):
 
 
 def _median_ms(fn, *args, repeats=20):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(timed(lambda: fn(*args), warmup=1, iters=repeats))
 
 
 def projection_bench(cfg, rows: int, layers: int, seed: int = 0) -> dict:

@@ -268,12 +268,8 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
 
     # k_i schedule from the block's masks at block start (Dream: step 0 commits one token).
     n0 = jnp.sum(jax.lax.dynamic_slice_in_dim(x, s, bk, axis=1) == st.mask_id, axis=1)
-    if shift:
-        steps = max(st.steps_per_block - 1, 1)
-        sched_all, offset = num_transfer_schedule(jnp.maximum(n0 - 1, 0), steps), 1
-    else:
-        steps = st.steps_per_block
-        sched_all, offset = num_transfer_schedule(n0, steps), 0
+    steps, offset = _schedule_steps(st)
+    sched_all = num_transfer_schedule(jnp.maximum(n0 - offset, 0), steps)
 
     def sched_at(i):
         j = jnp.clip(i - offset, 0, steps - 1)
@@ -352,18 +348,24 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
     return x, nfe_out, i, trace_logits
 
 
+def _schedule_steps(st: _Static) -> tuple[int, int]:
+    """(steps the k_i schedule spreads over, tokens step 0 commits outside it): LLaDA (s_b, 0);
+    Dream (max(s_b - 1, 1), 1), its step 0 committing the block's first token."""
+    if st.kind == "dream":
+        return max(st.steps_per_block - 1, 1), 1
+    return st.steps_per_block, 0
+
+
 def _fixed_step_count(st: _Static) -> int | None:
     """Cached steps after step 0 under the k_i schedule (None for threshold / factor rules).
 
-    A block starts all [MASK] (n = Bk). LLaDA: step 0 commits k_0 of min(s_b, Bk) nonzero
-    k_i, the loop the rest. Dream: step 0 commits the first token, the loop spreads Bk - 1
-    over max(s_b - 1, 1) steps, min(that, Bk - 1) of them nonzero."""
+    A block starts all [MASK] (n = Bk): the schedule spreads Bk - offset tokens over `steps`
+    steps, min(steps, Bk - offset) of them nonzero; step 0 takes the first unless it commits
+    outside the schedule (offset 1, Dream)."""
     if st.threshold is not None or st.factor is not None:
         return None
-    bk = st.block_length
-    if st.kind == "dream":
-        return min(max(st.steps_per_block - 1, 1), bk - 1)
-    return min(st.steps_per_block, bk) - 1
+    steps, offset = _schedule_steps(st)
+    return min(steps, st.block_length - offset) - (1 - offset)
 
 
 def dllm_generate(
