@@ -21,6 +21,7 @@ from jaxstack.hf import save_nvila
 from jaxstack.models import vlm
 from jaxstack.rl import trainer
 from jaxstack.rl.embedding_cache import VideoEmbeddingCache
+from jaxstack.train.step import OptimConfig
 from jaxstack.train.vlm_sft import VideoDataSection, VLMSFTConfig, left_pad
 
 FRAMES = 8
@@ -220,3 +221,58 @@ def test_update_moves_logprobs_along_the_advantage(setup) -> None:
     delta = np.asarray(seq_logp(state.params, batch)) - before
     assert np.all(np.sign(delta) == np.sign(np.asarray(adv))), delta
     assert float(metrics["clip_frac"]) == 0.0  # on-policy: ratio is exactly 1
+
+
+def _first_byte_even(response: str, example: dict) -> float:
+    """A planted reward with a known value per response: 1 if its first character's code is
+    even."""
+    return float(bool(response) and ord(response[0]) % 2 == 0)
+
+
+def test_job_step_moves_policy_toward_rewarded_responses(setup) -> None:
+    """Through the job's own step (`rl_step`: rollout -> rewards -> advantages -> update), with a
+    planted reward: the advantages that reach the update are the group-normalised planted
+    rewards (checked against NumPy), and the update raises the log-probability of the rewarded
+    responses and lowers the others (a flipped advantage sign reverses both)."""
+    from jaxstack.rl.rewards import register_reward
+
+    register_reward("planted_first_byte_even", override=True)(_first_byte_even)
+    cfg = _rl_cfg(
+        setup,
+        str(setup["root"] / "direction"),
+        reward={"planted_first_byte_even": 1.0},
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0, min_lr_ratio=1.0),
+        prompts_per_step=2,
+        rollout=trainer.RolloutSection(num_samples=4, max_new_tokens=6, temperature=1.0),
+    ).resolved()
+    job = trainer.build_rl(cfg, setup["init"])
+    before_params = job.state.params
+    state, row, batch = trainer.rl_step(job, jax.tree.map(jnp.copy, job.state), 0)
+
+    # The rewards the step saw are the planted ones on its decoded responses.
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+    lengths = np.asarray(jax.device_get(batch["tokens"] != job.tok.pad_id)).sum(-1)
+    texts = [trainer.decode_response(job.tok, t[:n]) for t, n in zip(tokens, lengths)]
+    rewards = np.asarray([_first_byte_even(t, {}) for t in texts], np.float64)
+    assert row["reward"] == pytest.approx(rewards.mean())
+    # NumPy GRPO advantages: (r - group mean) / (unbiased group std + 1e-6), 0 for equal groups.
+    pidx = np.asarray(batch["prompt_index"])
+    want = np.zeros_like(rewards)
+    for g in np.unique(pidx):
+        r = rewards[pidx == g]
+        if r.std() > 0:
+            want[pidx == g] = (r - r.mean()) / (r.std(ddof=1) + 1e-6)
+    np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-5, atol=1e-6)
+    # Dynamic sampling: groups with equal rewards carry no loss tokens, the others all theirs.
+    varied = np.asarray([rewards[pidx == g].std() > 0 for g in pidx])
+    assert varied.any(), "planted rewards gave no group with a reward spread; change the seed"
+    assert not mask[~varied].any() and mask[varied].any(axis=-1).all()
+
+    def seq_logp(params):
+        return np.where(mask, np.asarray(job.logp_fn(params, batch)), 0.0).sum(-1)
+
+    delta = seq_logp(state.params) - seq_logp(before_params)
+    pos, neg = want > 0, want < 0
+    assert pos.any() and neg.any()
+    assert delta[pos].min() > 0 and delta[neg].max() < 0, (delta, want)
+    assert float(np.sum(want * delta)) > 0

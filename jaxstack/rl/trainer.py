@@ -319,26 +319,49 @@ class PromptStream:
         return recs, jnp.stack(embs)
 
 
-def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) the RL job; returns a summary (also summary.json) with sft_accuracy and
-    rl_accuracy (held-out greedy accuracy before / after RL). stop_after: stop right after that
-    step as if killed (tests resumption)."""
+@dataclasses.dataclass
+class RLSetup:
+    """Everything one RL step needs, built once by `build_rl` (the job's model, data and
+    compiled functions). `state` is the initial `TrainState` of the LLM (the trained part: the
+    vision tower and projector are frozen and their output cached)."""
+
+    cfg: RLJobConfig
+    mesh: Any
+    model: Any
+    tok: Any
+    vspec: Any
+    loader: Any
+    n_media: int
+    held: list[dict]
+    cache: Any
+    prompts: PromptStream
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    state: TrainState
+    shardings: TrainState | None
+    ref_params: Any
+    update: Any
+    logp_fn: Any
+    prompt_fn: Any
+    rollout_cfg: Any
+    key: Array
+
+    def llm_with(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.rest)
+
+
+def build_rl(cfg: RLJobConfig, start_dir: str) -> RLSetup:
+    """Load the policy from `start_dir` (NVILA layout) and build the step's pieces; cfg must be
+    `resolved()`."""
     from jaxstack.data.tokenizer import load_tokenizer
-    from jaxstack.data.video_qa import FrameLoader, VideoSpec, prompt_ids, read_video_qa
-    from jaxstack.generate.rollout import RolloutConfig, rollout
-    from jaxstack.hf import load_nvila, save_nvila
-    from jaxstack.parallel.distributed import initialize
+    from jaxstack.data.video_qa import FrameLoader, VideoSpec, read_video_qa
+    from jaxstack.generate.rollout import RolloutConfig
+    from jaxstack.hf import load_nvila
     from jaxstack.rl.embedding_cache import VideoEmbeddingCache
     from jaxstack.train.vlm_sft import ensure_dataset
 
-    initialize()
-    cfg = cfg.resolved()
-    out, main = cfg.output_dir, jax.process_index() == 0
-    os.makedirs(out, exist_ok=True)
     data_cfg = cfg.sft.data
     train_path, eval_path = ensure_dataset(data_cfg)
-    start_dir = _sft_stage(cfg)
-
     mesh = make_mesh(cfg.mesh or None)
     tok = load_tokenizer(data_cfg.tokenizer)
     msec = cfg.sft.model  # dtypes and remat of the policy
@@ -352,7 +375,6 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
     vcfg = model.cfg
     vspec = VideoSpec(num_frames=data_cfg.num_frames, image_size=data_cfg.image_size)
     loader = FrameLoader(vspec)
-    n_media = vcfg.video_length(vspec.num_frames)
     records = read_video_qa(train_path)
     held = (
         read_video_qa(eval_path)[: cfg.eval] if cfg.eval > 0 and os.path.isfile(eval_path) else []
@@ -360,42 +382,15 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
     cache = VideoEmbeddingCache(
         model, lambda r: loader(r["video_path"]), mesh=mesh, enabled=cfg.cache_embeddings
     )
-    prompts = PromptStream(records, cfg.prompts_per_step, cfg.seed, cache)
-
-    def evaluate(tag: str) -> float | None:
-        path = os.path.join(out, f"eval_{tag}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)["accuracy"]
-        if not held:
-            return None
-        res = evaluate_video_qa(
-            model,
-            tok,
-            held,
-            vspec,
-            batch=cfg.eval_batch,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            loader=loader,
-        )
-        _write_json(path, res)
-        if main:
-            print(f"held-out accuracy ({tag}): {res['accuracy']:.3f}, per task {res['per_task']}")
-        return res["accuracy"]
-
-    sft_acc = evaluate("sft")
-
-    # The trained part: the LLM (vision tower and projector frozen, their output cached).
     optimizer = step_lib.make_optimizer(cfg.optim)
     state, shardings = step_lib.init_train_state(model.llm, optimizer, mesh)
     graphdef, _, rest = nnx.split(model.llm, nnx.Param, ...)
     ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
-    pcfg = policy_cfg(cfg.algo, cfg.rollout.max_new_tokens)
     update = make_update(
         graphdef,
         rest,
         optimizer,
-        pcfg,
+        policy_cfg(cfg.algo, cfg.rollout.max_new_tokens),
         media_token_id=vcfg.media_token_id,
         temperature=cfg.rollout.temperature,
     )
@@ -421,6 +416,158 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
         stop_token_ids=(tok.eos_id,),
         pad_id=tok.pad_id,
     )
+    return RLSetup(
+        cfg=cfg,
+        mesh=mesh,
+        model=model,
+        tok=tok,
+        vspec=vspec,
+        loader=loader,
+        n_media=vcfg.video_length(vspec.num_frames),
+        held=held,
+        cache=cache,
+        prompts=PromptStream(records, cfg.prompts_per_step, cfg.seed, cache),
+        graphdef=graphdef,
+        rest=rest,
+        state=state,
+        shardings=shardings,
+        ref_params=ref_params,
+        update=update,
+        logp_fn=logp_fn,
+        prompt_fn=prompt_fn,
+        rollout_cfg=rcfg,
+        key=jax.random.key(cfg.seed),
+    )
+
+
+def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
+    """Rollout, rewards and advantages of RL step i under `params`: (update batch, host info).
+
+    batch: as `make_update` takes it (advantages float32 [P*G]; mask already zero for groups
+    dropped by dynamic sampling). info: rewards [P*G], reward parts, lengths, keep (numpy).
+    """
+    from jaxstack.data.video_qa import prompt_ids
+    from jaxstack.generate.rollout import rollout
+
+    cfg, tok, rcfg = setup.cfg, setup.tok, setup.rollout_cfg
+    media_id = setup.model.cfg.media_token_id
+    p = cfg.prompts_per_step
+    recs, video = setup.prompts.step(i)
+    ids_list = [prompt_ids(r, tok, media_token_id=media_id, num_media=setup.n_media) for r in recs]
+    ids, pmask = left_pad(ids_list, tok.pad_id, bucket=rcfg.length_bucket)
+    ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
+    embeds = setup.prompt_fn(params, ids, video)
+    with use_mesh(None):
+        res = rollout(
+            setup.llm_with(params),
+            inputs_embeds=embeds,
+            input_mask=pmask,
+            cfg=rcfg,
+            rng=jax.random.fold_in(setup.key, i),
+        )
+    tokens, lengths, pidx = jax.device_get((res.tokens, res.lengths, res.prompt_index))
+    texts = [decode_response(tok, row[:n]) for row, n in zip(tokens, lengths)]
+    rewards, parts = score(texts, [recs[j] for j in pidx], cfg.reward)
+    if cfg.algo.overlong_buffer > 0:
+        rewards = rewards + np.asarray(
+            overlong_penalty(
+                jnp.asarray(lengths),
+                max_len=cfg.rollout.max_new_tokens,
+                buffer_len=cfg.algo.overlong_buffer,
+                penalty=cfg.algo.overlong_penalty,
+            )
+        )
+    scale = "std" if cfg.algo.advantage == "grpo" else "none"
+    adv = group_advantages(jnp.asarray(rewards), jnp.asarray(pidx), p, scale=scale)
+    mask = res.mask
+    keep = np.ones(len(rewards), bool)
+    if cfg.algo.dynamic_sampling:
+        keep = np.asarray(dynamic_sampling_keep(jnp.asarray(rewards), jnp.asarray(pidx), p))
+        mask = mask & jnp.asarray(keep)[:, None]
+    batch = dict(
+        prompt_ids=ids,
+        prompt_mask=pmask,
+        video=video,
+        tokens=res.tokens,
+        mask=mask,
+        prompt_index=res.prompt_index,
+        advantages=adv,
+    )
+    info = dict(rewards=rewards, parts=parts, lengths=lengths, keep=keep, texts=texts)
+    return batch, info
+
+
+def rl_step(setup: RLSetup, state: TrainState, i: int) -> tuple[TrainState, dict, dict]:
+    """One RL step i: `rl_batch`, then update_epochs x minibatches policy updates.
+
+    Returns (new state, metrics row, the update batch). `state` is donated to the update.
+    """
+    t0 = time.perf_counter()
+    cfg = setup.cfg
+    batch, info = rl_batch(setup, state.params, i)
+    if cfg.algo.update_epochs * cfg.algo.minibatches > 1:
+        batch["old_logp"] = setup.logp_fn(state.params, batch)
+    step_metrics = []
+    for _ in range(cfg.algo.update_epochs):
+        for mb in _minibatches(batch, cfg.algo.minibatches, cfg.rollout.num_samples):
+            state, m = setup.update(state, mb, setup.ref_params)
+            step_metrics.append(m)
+    m = {k: float(np.mean([float(x[k]) for x in step_metrics])) for k in step_metrics[0]}
+    if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"RL loss is {m['loss']} at step {i + 1}; stopped")
+    rewards = info["rewards"]
+    row = dict(
+        reward=float(rewards.mean()),
+        **{f"reward_{k}": float(v.mean()) for k, v in info["parts"].items()},
+        response_len=float(np.mean(info["lengths"])),
+        kept_frac=float(info["keep"].mean()),
+        **m,
+        encoder_calls=setup.cache.encoder_calls,
+        cache_hits=setup.cache.hits,
+        skipped_videos=setup.prompts.skipped,
+        step_seconds=time.perf_counter() - t0,
+    )
+    return state, row, batch
+
+
+def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) the RL job; returns a summary (also summary.json) with sft_accuracy and
+    rl_accuracy (held-out greedy accuracy before / after RL). stop_after: stop right after that
+    step as if killed (tests resumption)."""
+    from jaxstack.hf import save_nvila
+    from jaxstack.parallel.distributed import initialize
+
+    initialize()
+    cfg = cfg.resolved()
+    out, main = cfg.output_dir, jax.process_index() == 0
+    os.makedirs(out, exist_ok=True)
+    setup = build_rl(cfg, _sft_stage(cfg))
+    model, tok = setup.model, setup.tok
+
+    def evaluate(tag: str) -> float | None:
+        path = os.path.join(out, f"eval_{tag}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)["accuracy"]
+        if not setup.held:
+            return None
+        res = evaluate_video_qa(
+            model,
+            tok,
+            setup.held,
+            setup.vspec,
+            batch=cfg.eval_batch,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            loader=setup.loader,
+        )
+        _write_json(path, res)
+        if main:
+            print(f"held-out accuracy ({tag}): {res['accuracy']:.3f}, per task {res['per_task']}")
+        return res["accuracy"]
+
+    sft_acc = evaluate("sft")
+    state, shardings = setup.state, setup.shardings
+    setup.state = None  # the loop owns the state (donated step by step)
 
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints)
     start = ckpt.latest_step()
@@ -436,82 +583,9 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
     logger = metrics_lib.MetricsLogger(metrics_path, resume_step=start)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = metrics_lib.progress_bar(cfg.steps, initial=start, desc=cfg.name)
-    g, p = cfg.rollout.num_samples, cfg.prompts_per_step
-    updates_per_step = cfg.algo.update_epochs * cfg.algo.minibatches
-    key = jax.random.key(cfg.seed)
-
-    def llm_with(params):
-        return nnx.merge(graphdef, params, rest)
-
     try:
         for i in range(start, end):
-            t0 = time.perf_counter()
-            recs, video = prompts.step(i)
-            ids_list = [
-                prompt_ids(r, tok, media_token_id=vcfg.media_token_id, num_media=n_media)
-                for r in recs
-            ]
-            ids, pmask = left_pad(ids_list, tok.pad_id, bucket=rcfg.length_bucket)
-            ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
-            embeds = prompt_fn(state.params, ids, video)
-            with use_mesh(None):
-                res = rollout(
-                    llm_with(state.params),
-                    inputs_embeds=embeds,
-                    input_mask=pmask,
-                    cfg=rcfg,
-                    rng=jax.random.fold_in(key, i),
-                )
-            tokens, lengths, pidx = jax.device_get((res.tokens, res.lengths, res.prompt_index))
-            texts = [decode_response(tok, row[:n]) for row, n in zip(tokens, lengths)]
-            examples = [recs[j] for j in pidx]
-            rewards, parts = score(texts, examples, cfg.reward)
-            if cfg.algo.overlong_buffer > 0:
-                rewards = rewards + np.asarray(
-                    overlong_penalty(
-                        jnp.asarray(lengths),
-                        max_len=cfg.rollout.max_new_tokens,
-                        buffer_len=cfg.algo.overlong_buffer,
-                        penalty=cfg.algo.overlong_penalty,
-                    )
-                )
-            scale = "std" if cfg.algo.advantage == "grpo" else "none"
-            adv = group_advantages(jnp.asarray(rewards), jnp.asarray(pidx), p, scale=scale)
-            mask = res.mask
-            keep = np.ones(len(rewards), bool)
-            if cfg.algo.dynamic_sampling:
-                keep = np.asarray(dynamic_sampling_keep(jnp.asarray(rewards), jnp.asarray(pidx), p))
-                mask = mask & jnp.asarray(keep)[:, None]
-            batch = dict(
-                prompt_ids=ids,
-                prompt_mask=pmask,
-                video=video,
-                tokens=res.tokens,
-                mask=mask,
-                prompt_index=res.prompt_index,
-                advantages=adv,
-            )
-            if updates_per_step > 1:
-                batch["old_logp"] = logp_fn(state.params, batch)
-            step_metrics = []
-            for _ in range(cfg.algo.update_epochs):
-                for mb in _minibatches(batch, cfg.algo.minibatches, g):
-                    state, m = update(state, mb, ref_params)
-                    step_metrics.append(m)
-            m = {k: float(np.mean([float(x[k]) for x in step_metrics])) for k in step_metrics[0]}
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"RL loss is {m['loss']} at step {i + 1}; stopped")
-            row = dict(
-                reward=float(rewards.mean()),
-                **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
-                response_len=float(np.mean(lengths)),
-                kept_frac=float(keep.mean()),
-                **m,
-                encoder_calls=cache.encoder_calls,
-                cache_hits=cache.hits,
-                skipped_videos=prompts.skipped,
-                step_seconds=time.perf_counter() - t0,
-            )
+            state, row, _ = rl_step(setup, state, i)
             bar.update(1)
             if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
                 logger.log(i + 1, **row)
@@ -534,7 +608,7 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
     save_nvila(model, model_dir := os.path.join(out, "model"))
     summary["model_dir"] = model_dir
     summary["rl_accuracy"] = evaluate("rl")
-    summary["cache"] = cache.stats()
+    summary["cache"] = setup.cache.stats()
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
