@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from scoring import rescored_accuracy
 
 from jaxstack.config import load_config
 from jaxstack.data.synthetic import (
@@ -189,7 +190,11 @@ def test_job_resumes_exactly_and_writes_the_sampler_table(tmp_path):
     base, fast = ev["samplers"]["baseline"], ev["samplers"]["dual+parallel"]
     assert base["nfe"] == 2 * 8 and base["tokens_per_step"] == 1.0  # 2 calls, 1 token per step
     assert fast["nfe"] <= base["nfe"] and fast["tokens_per_step"] >= 1.0
-    assert 0.0 <= base["accuracy"] <= 1.0 and len(base["samples"]) == 6
+    assert len(base["samples"]) == len(fast["samples"]) == 6  # all of them (num <= 8)
+    for r in (base, fast):
+        assert r["accuracy"] == pytest.approx(
+            rescored_accuracy(r["samples"], lambda s: score_sorting(s["prompt"], s["generated"]))
+        )
     assert (tmp_path / "a" / "samplers.png").is_file() and (tmp_path / "a" / "loss.png").is_file()
     model, dcfg = load_dllm(tmp_path / "a" / "model")
     assert dcfg.mask_id == 263 and dcfg.eos_id == 258 and not dcfg.llm.causal

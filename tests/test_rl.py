@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scoring import rescored_accuracy
 
 from jaxstack.data.synth_video import synth_video_dataset
 from jaxstack.data.tokenizer import ByteTokenizer
@@ -128,7 +129,11 @@ def test_run_rl_resume_exact(setup) -> None:
     assert a[-1]["encoder_calls"] + a[-1]["cache_hits"] == 12
     for name in ("rewards.png", "eval_sft.json", "eval_rl.json", "model/config.json"):
         assert os.path.exists(root / "a" / name), name
-    assert 0 <= straight["sft_accuracy"] <= 1 and 0 <= straight["rl_accuracy"] <= 1
+    # The reported accuracies are the held-out evals' rescored samples (4 each).
+    for tag in ("sft", "rl"):
+        ev = json.load(open(root / "a" / f"eval_{tag}.json"))
+        assert straight[f"{tag}_accuracy"] == ev["accuracy"] == rescored_accuracy(ev["samples"])
+        assert ev["num"] == len(ev["samples"]) == 4
 
 
 def test_run_rl_multi_update_kl_and_drgrpo(setup) -> None:

@@ -14,9 +14,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from scoring import rescored_accuracy
 
 import jaxstack.train.step as step_lib
 from jaxstack.config import load_config
+from jaxstack.data.synthetic import score_arithmetic
 from jaxstack.data.tokenizer import ByteTokenizer
 from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import make_mesh
@@ -94,7 +96,10 @@ def test_tiny_config_run_writes_artifacts(straight):
     assert Checkpointer(os.path.join(out, "checkpoints")).all_steps() == [10, 20]
     assert os.path.exists(os.path.join(out, "hf", "config.json"))
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert ev["num_prompts"] == 4 and 0.0 <= ev["accuracy"] <= 1.0
+    assert ev["num_prompts"] == len(ev["samples"]) == 4
+    assert ev["accuracy"] == rescored_accuracy(
+        ev["samples"], lambda s: score_arithmetic(s["prompt"], s["generated"])
+    )
     assert summary["eval_accuracy"] == ev["accuracy"] and summary["step"] == 20
     with open(os.path.join(out, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

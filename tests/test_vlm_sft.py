@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from scoring import rescored_accuracy
 
 from jaxstack.data.synth_video import synth_video_dataset
 from jaxstack.data.tokenizer import ByteTokenizer
@@ -155,7 +156,9 @@ def test_sft_resume_exact_and_artifacts(dataset: str, tmp_path) -> None:
     assert losses("a") == losses("b") and len(losses("a")) == 4
     for name in ("loss.png", "eval.json", "summary.json", "config.yaml", "model/config.json"):
         assert os.path.exists(tmp_path / "a" / name), name
-    assert 0.0 <= straight["eval_accuracy"] <= 1.0
+    ev = json.load(open(tmp_path / "a" / "eval.json"))
+    assert straight["eval_accuracy"] == ev["accuracy"] == rescored_accuracy(ev["samples"])
+    assert ev["num"] == len(ev["samples"]) == 4
 
 
 def test_sft_frozen_vision_tower_unchanged(dataset: str, tmp_path) -> None:
