@@ -17,13 +17,15 @@ from scoring import rescored_accuracy
 from jaxstack.data.synth_video import synth_video_dataset
 from jaxstack.data.tokenizer import ByteTokenizer
 from jaxstack.data.video_qa import FrameLoader, VideoSpec, prompt_ids, read_video_qa
+from jaxstack.generate.engine import pad_prompts
 from jaxstack.generate.rollout import RolloutConfig, rollout
 from jaxstack.hf import save_nvila
 from jaxstack.models import vlm
 from jaxstack.rl import trainer
 from jaxstack.rl.embedding_cache import VideoEmbeddingCache
 from jaxstack.train.step import OptimConfig
-from jaxstack.train.vlm_sft import VideoDataSection, VLMSFTConfig, left_pad
+from jaxstack.train.video_qa import VideoDataSection
+from jaxstack.train.vlm_sft import VLMSFTConfig
 
 FRAMES = 8
 
@@ -70,7 +72,7 @@ def test_rollout_logprobs_equal_training_forward_on_video_prompts(setup) -> None
         prompt_ids(r, tok, media_token_id=cfg.media_token_id, num_media=cfg.video_length(FRAMES))
         for r in recs
     ]
-    ids, mask = (jnp.asarray(a) for a in left_pad(ids_list, tok.pad_id))
+    ids, mask = (jnp.asarray(a) for a in pad_prompts(ids_list, pad_id=tok.pad_id, bucket=16))
     embeds = model.embed_prompt(ids, video.reshape(-1, video.shape[-1]))
     rcfg = RolloutConfig(num_samples=4, max_new_tokens=12, temperature=1.0, pad_id=tok.pad_id)
     res = rollout(model.llm, inputs_embeds=embeds, input_mask=mask, cfg=rcfg, rng=jax.random.key(0))
@@ -193,7 +195,7 @@ def test_update_moves_logprobs_along_the_advantage(setup) -> None:
         prompt_ids(r, tok, media_token_id=cfg.media_token_id, num_media=cfg.video_length(FRAMES))
         for r in recs
     ]
-    ids, mask = (jnp.asarray(a) for a in left_pad(ids_list, tok.pad_id))
+    ids, mask = (jnp.asarray(a) for a in pad_prompts(ids_list, pad_id=tok.pad_id, bucket=16))
     embeds = model.embed_prompt(ids, video.reshape(-1, video.shape[-1]))
     rcfg = RolloutConfig(num_samples=2, max_new_tokens=6, pad_id=tok.pad_id)
     res = rollout(model.llm, inputs_embeds=embeds, input_mask=mask, cfg=rcfg, rng=jax.random.key(3))

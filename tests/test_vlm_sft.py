@@ -24,6 +24,7 @@ from jaxstack.data.video_qa import (
 from jaxstack.models import vlm
 from jaxstack.parallel.mesh import make_mesh
 from jaxstack.train import vlm_sft
+from jaxstack.train.video_qa import VideoDataSection
 
 MEDIA = 511
 
@@ -125,9 +126,7 @@ def test_encode_videos_matches_per_clip() -> None:
 
 
 def _small_cfg(dataset: str, out: str, **kw) -> vlm_sft.VLMSFTConfig:
-    data = vlm_sft.VideoDataSection(
-        dir=dataset, synth_num=0, num_frames=8, batch_size=4, seq_len=256
-    )
+    data = VideoDataSection(dir=dataset, synth_num=0, num_frames=8, batch_size=4, seq_len=256)
     model = vlm_sft.VLMModelSection(name="tiny", freeze_vision=kw.pop("freeze", False))
     base = dict(
         output_dir=out,

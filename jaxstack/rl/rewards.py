@@ -24,6 +24,13 @@ from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
+from jaxstack.data.answers import (
+    is_formatted,
+    parse_answer,
+    parse_choice,
+    parse_choice_from_response,
+)
+
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 
 REWARDS: dict[str, RewardFn] = {}
@@ -148,37 +155,6 @@ def _never_raise(fn: RewardFn) -> RewardFn:
 # ---------------------------------------------------------------------------------------------
 # Parsing
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_FORMAT_RE = re.compile(r"^\s*<think>.+?</think>\s*<answer>.+?</answer>\s*$", re.DOTALL)
-_PAREN_LETTER_RE = re.compile(r"^\(\s*([A-Za-z])\s*\)(?:\s.*)?$", re.DOTALL)
-_LETTER_RE = re.compile(r"^([A-Za-z])(?:[.):](?:\s.*)?)?$", re.DOTALL)
-
-
-def parse_answer(response: str) -> str | None:
-    """Stripped content of the last `<answer>...</answer>` tag (case-insensitive), else None."""
-    if not isinstance(response, str):
-        return None
-    found = _ANSWER_RE.findall(response)
-    return found[-1].strip() if found else None
-
-
-def parse_choice(text: str | None) -> str | None:
-    """Upper-case option letter from a multiple-choice answer string, else None.
-
-    Accepts "B", "b", " B ", "(B)", "(B) text", "B.", "B)", "B:", "B) text", "B. text".
-    Conservative: anything else ("B text", "the answer is B", "AB") is None.
-    """
-    if not isinstance(text, str):
-        return None
-    text = text.strip()
-    m = _PAREN_LETTER_RE.match(text) or _LETTER_RE.match(text)
-    return m.group(1).upper() if m else None
-
-
-def parse_choice_from_response(response: str) -> str | None:
-    """Option letter inside the last `<answer>` tag of a response (no fallback without a tag)."""
-    return parse_choice(parse_answer(response))
-
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (balanced braces) in `text`, else None."""
@@ -296,7 +272,7 @@ def mc_accuracy(response: str, example: Mapping[str, Any]) -> float:
 def format_reward(response: str, example: Mapping[str, Any]) -> float:
     """1.0 if the response is `<think>...</think>` then `<answer>...</answer>` (nothing else but
     whitespace around them), else 0.0."""
-    return 1.0 if isinstance(response, str) and _FORMAT_RE.match(response) else 0.0
+    return 1.0 if is_formatted(response) else 0.0
 
 
 @register_reward("math")

@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxstack.config import config_to_dict, save_config
 from jaxstack.models.nvila_connector import merge_multimodal
-from jaxstack.parallel.mesh import make_mesh, use_mesh
+from jaxstack.parallel.mesh import use_mesh
 from jaxstack.rl.losses import (
     PolicyLossConfig,
     dynamic_sampling_keep,
@@ -47,17 +46,12 @@ from jaxstack.rl.losses import (
     overlong_penalty,
     policy_loss,
 )
-from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
-from jaxstack.train.checkpoint import Checkpointer, abstract_state
+from jaxstack.train.loop import LoopParts, RunConfig, run_loop, write_json
+from jaxstack.train.sections import NumericsSection
 from jaxstack.train.step import OptimConfig, TrainState
-from jaxstack.train.vlm_sft import (
-    DTYPES,
-    VLMSFTConfig,
-    decode_response,
-    evaluate_video_qa,
-    left_pad,
-)
+from jaxstack.train.video_qa import decode_response, ensure_dataset, evaluate_video_qa
+from jaxstack.train.vlm_sft import VLMSFTConfig, run_vlm_sft
 
 Array = jax.Array
 
@@ -102,19 +96,34 @@ class AlgoSection:
 
 
 @dataclasses.dataclass
-class RLJobConfig:
+class RLJobConfig(RunConfig):
     """The RL job. init_from: an NVILA checkpoint directory (an SFT result) to start from; ""
-    runs the embedded `sft` stage first (its data section is also the RL data). reward:
-    {spec: weight} over the reward registry (names, `module:fn` or `file.py:fn`).
-    prompts_per_step: P prompts per RL step (P * G samples). cache_embeddings: MR-SP
-    embedding reuse (False re-encodes the video for every pass: the baseline)."""
+    runs the embedded `sft` stage first (its data section is also the RL data). policy: compute
+    dtype, master-weight dtype and remat of the trained LLM. reward: {spec: weight} over the
+    reward registry (names, `module:fn` or `file.py:fn`). prompts_per_step: P prompts per RL
+    step (P * G samples). cache_embeddings: MR-SP embedding reuse (False re-encodes the video
+    for every pass: the baseline)."""
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        *RunConfig.RESUME_FREE,
+        "eval",
+        "eval_batch",
+        "cache_embeddings",
+        "sft.eval",
+        "sft.eval_batch",
+        "sft.log_every",
+        "sft.checkpoint_every",
+        "sft.keep_checkpoints",
+        "sft.output_dir",
+    )
+    RESUME_WARN: ClassVar[tuple[str, ...]] = ("policy.remat", "policy.dtype")
 
     name: str = "rl_tiny"
-    output_dir: str = ""
     init_from: str = ""
     sft: VLMSFTConfig = dataclasses.field(
         default_factory=lambda: VLMSFTConfig(name="sft", steps=300, eval=0)
     )
+    policy: NumericsSection = dataclasses.field(default_factory=NumericsSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     algo: AlgoSection = dataclasses.field(default_factory=AlgoSection)
     optim: OptimConfig = dataclasses.field(
@@ -131,25 +140,23 @@ class RLJobConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     log_every: int = 1
-    mesh: str = ""
-    seed: int = 0
     eval: int = 160
     eval_batch: int = 80
 
     def __post_init__(self):
-        for key in ("steps", "prompts_per_step", "checkpoint_every", "log_every", "eval_batch"):
+        super().__post_init__()
+        for key in ("prompts_per_step", "eval_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval < 0:
+            raise ValueError(f"eval must be >= 0, got {self.eval}")
         if self.prompts_per_step % self.algo.minibatches:
             raise ValueError("prompts_per_step must be divisible by algo.minibatches")
 
     def resolved(self) -> RLJobConfig:
-        out = self.output_dir or os.path.join("runs", self.name)
-        sft = dataclasses.replace(
-            self.sft, output_dir=self.sft.output_dir or os.path.join(out, "sft")
-        )
-        optim = dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps)
-        return dataclasses.replace(self, output_dir=out, sft=sft, optim=optim)
+        cfg = super().resolved()
+        sft_dir = self.sft.output_dir or os.path.join(cfg.output_dir, "sft")
+        return dataclasses.replace(cfg, sft=dataclasses.replace(self.sft, output_dir=sft_dir))
 
 
 # -- the policy update -------------------------------------------------------------------------
@@ -200,14 +207,19 @@ def make_update(
     *,
     media_token_id: int,
     temperature: float,
+    mesh=None,
+    state_sh: TrainState | None = None,
 ):
-    """`update(state, batch, ref_params) -> (state, metrics)`: one clipped policy-gradient step.
+    """`update(state, batch, ref_params) -> (state, metrics)`: one clipped policy-gradient step,
+    built on the shared sharded update (`jaxstack.train.step.make_update`: the state's
+    shardings, the mesh and its compiler options; ref_params, the frozen reference policy for
+    the KL term or None, share the params' shardings and are never donated).
 
     batch as in `response_logprobs` plus advantages float32 [P*G] and old_logp [P*G, N] (None:
     use the stop-gradient of the new log-probs, i.e. a single on-policy update).
     """
 
-    def loss_fn(params, batch, ref_params):
+    def objective(params, batch, ref_params):
         llm = nnx.merge(graphdef, params, rest)
         logp = response_logprobs(llm, batch, media_token_id, temperature)
         old = batch.get("old_logp")
@@ -223,18 +235,12 @@ def make_update(
         )
         n = jnp.maximum(jnp.sum(batch["mask"]), 1)
         metrics["neg_logp"] = -jnp.sum(jnp.where(batch["mask"], logp, 0.0)) / n
-        return loss, metrics
+        return loss, jnp.ones((), jnp.float32), metrics  # a per-batch mean: denominator 1
 
-    def update(state: TrainState, batch: dict, ref_params):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, ref_params
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, opt_state), metrics
-
-    return jax.jit(update, donate_argnums=0)
+    ref_sh = None if state_sh is None or pcfg.kl_coef == 0 else state_sh.params
+    return step_lib.make_update(
+        objective, optimizer, mesh=mesh, state_sh=state_sh, frozen_sh=ref_sh
+    )
 
 
 # -- rewards -----------------------------------------------------------------------------------
@@ -259,15 +265,9 @@ def score(
 # -- job ---------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
-
-
 def _sft_stage(cfg: RLJobConfig) -> str:
-    """Run (or reuse) the SFT stage; returns the NVILA checkpoint directory to start RL from."""
-    from jaxstack.train.vlm_sft import run_vlm_sft
+    """Run (or reuse) the SFT stage (its own run in `sft.output_dir`); returns the NVILA
+    checkpoint directory to start RL from."""
 
     if cfg.init_from:
         if not os.path.isdir(cfg.init_from):
@@ -350,27 +350,24 @@ class RLSetup:
         return nnx.merge(self.graphdef, params, self.rest)
 
 
-def build_rl(cfg: RLJobConfig, start_dir: str) -> RLSetup:
-    """Load the policy from `start_dir` (NVILA layout) and build the step's pieces; cfg must be
-    `resolved()`."""
+def build_rl(cfg: RLJobConfig, start_dir: str, mesh=None) -> RLSetup:
+    """Load the policy from `start_dir` (NVILA layout) onto `mesh` (None: one device) and build
+    the step's pieces; cfg must be `resolved()`."""
     from jaxstack.data.tokenizer import load_tokenizer
     from jaxstack.data.video_qa import FrameLoader, VideoSpec, read_video_qa
     from jaxstack.generate.rollout import RolloutConfig
     from jaxstack.hf import load_nvila
     from jaxstack.rl.embedding_cache import VideoEmbeddingCache
-    from jaxstack.train.vlm_sft import ensure_dataset
 
     data_cfg = cfg.sft.data
     train_path, eval_path = ensure_dataset(data_cfg)
-    mesh = make_mesh(cfg.mesh or None)
     tok = load_tokenizer(data_cfg.tokenizer)
-    msec = cfg.sft.model  # dtypes and remat of the policy
     model = load_nvila(
         start_dir,
-        dtype=DTYPES[msec.dtype],
-        param_dtype=DTYPES[msec.param_dtype],
+        dtype=cfg.policy.compute_dtype,
+        param_dtype=cfg.policy.master_dtype,
         mesh=mesh,
-        remat=msec.remat,
+        remat=cfg.policy.remat,
     )
     vcfg = model.cfg
     vspec = VideoSpec(num_frames=data_cfg.num_frames, image_size=data_cfg.image_size)
@@ -393,6 +390,8 @@ def build_rl(cfg: RLJobConfig, start_dir: str) -> RLSetup:
         policy_cfg(cfg.algo, cfg.rollout.max_new_tokens),
         media_token_id=vcfg.media_token_id,
         temperature=cfg.rollout.temperature,
+        mesh=mesh,
+        state_sh=shardings,
     )
     logp_fn = jax.jit(
         lambda params, batch: response_logprobs(
@@ -447,6 +446,7 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
     dropped by dynamic sampling). info: rewards [P*G], reward parts, lengths, keep (numpy).
     """
     from jaxstack.data.video_qa import prompt_ids
+    from jaxstack.generate.engine import pad_prompts
     from jaxstack.generate.rollout import rollout
 
     cfg, tok, rcfg = setup.cfg, setup.tok, setup.rollout_cfg
@@ -454,7 +454,7 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
     p = cfg.prompts_per_step
     recs, video = setup.prompts.step(i)
     ids_list = [prompt_ids(r, tok, media_token_id=media_id, num_media=setup.n_media) for r in recs]
-    ids, pmask = left_pad(ids_list, tok.pad_id, bucket=rcfg.length_bucket)
+    ids, pmask = pad_prompts(ids_list, pad_id=tok.pad_id, bucket=rcfg.length_bucket)
     ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
     embeds = setup.prompt_fn(params, ids, video)
     with use_mesh(None):
@@ -511,7 +511,7 @@ def rl_step(setup: RLSetup, state: TrainState, i: int) -> tuple[TrainState, dict
     for _ in range(cfg.algo.update_epochs):
         for mb in _minibatches(batch, cfg.algo.minibatches, cfg.rollout.num_samples):
             state, m = setup.update(state, mb, setup.ref_params)
-            step_metrics.append(m)
+            step_metrics.append({k: v for k, v in m.items() if k != "tokens"})
     m = {k: float(np.mean([float(x[k]) for x in step_metrics])) for k in step_metrics[0]}
     if not math.isfinite(m["loss"]):
         raise FloatingPointError(f"RL loss is {m['loss']} at step {i + 1}; stopped")
@@ -530,18 +530,16 @@ def rl_step(setup: RLSetup, state: TrainState, i: int) -> tuple[TrainState, dict
     return state, row, batch
 
 
-def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) the RL job; returns a summary (also summary.json) with sft_accuracy and
-    rl_accuracy (held-out greedy accuracy before / after RL). stop_after: stop right after that
-    step as if killed (tests resumption)."""
+def build_rl_job(cfg: RLJobConfig, mesh) -> LoopParts:
+    """The RL job's parts for `run_loop`: the SFT stage (or `init_from`), the policy and its
+    step pieces (`build_rl`), the held-out evaluation before RL; each loop step is `rl_step`
+    (host rollout and rewards around the sharded policy update); at the end the NVILA export
+    and the evaluation after RL. Host counters (skipped videos, undecodable records) persist
+    across resumes; the embedding cache starts empty on resume."""
     from jaxstack.hf import save_nvila
-    from jaxstack.parallel.distributed import initialize
 
-    initialize()
-    cfg = cfg.resolved()
     out, main = cfg.output_dir, jax.process_index() == 0
-    os.makedirs(out, exist_ok=True)
-    setup = build_rl(cfg, _sft_stage(cfg))
+    setup = build_rl(cfg, _sft_stage(cfg), mesh)
     model, tok = setup.model, setup.tok
 
     def evaluate(tag: str) -> float | None:
@@ -551,66 +549,64 @@ def run_rl(cfg: RLJobConfig, *, resume: bool = True, stop_after: int | None = No
                 return json.load(f)["accuracy"]
         if not setup.held:
             return None
-        res = evaluate_video_qa(
-            model,
-            tok,
-            setup.held,
-            setup.vspec,
-            batch=cfg.eval_batch,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            loader=setup.loader,
-        )
-        _write_json(path, res)
+        with use_mesh(None):
+            res = evaluate_video_qa(
+                model,
+                tok,
+                setup.held,
+                setup.vspec,
+                batch=cfg.eval_batch,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                loader=setup.loader,
+            )
+        write_json(path, res)
         if main:
             print(f"held-out accuracy ({tag}): {res['accuracy']:.3f}, per task {res['per_task']}")
         return res["accuracy"]
 
     sft_acc = evaluate("sft")
+
+    def counters() -> dict:
+        return {"skipped_videos": setup.prompts.skipped, "bad_records": sorted(setup.prompts.bad)}
+
+    def restore_counters(saved: dict) -> None:
+        setup.prompts.skipped = int(saved.get("skipped_videos", 0))
+        setup.prompts.bad = set(saved.get("bad_records", []))
+
+    def finish(state, summary: dict) -> dict:
+        params = nnx.state(model.llm, nnx.Param)
+        nnx.replace_by_pure_dict(params, state.params)
+        nnx.update(model.llm, params)
+        save_nvila(model, model_dir := os.path.join(out, "model"))
+        return {
+            "sft_accuracy": sft_acc,
+            "model_dir": model_dir,
+            "rl_accuracy": evaluate("rl"),
+            "cache": setup.cache.stats(),
+        }
+
     state, shardings = setup.state, setup.shardings
     setup.state = None  # the loop owns the state (donated step by step)
+    return LoopParts(
+        state=state,
+        shardings=shardings,
+        step=lambda state, _, i: rl_step(setup, state, i)[:2],
+        log_row=lambda step_no, m: m,
+        counters=counters,
+        restore_counters=restore_counters,
+        finish=finish,
+        plot_keys=("reward", "reward_mc_accuracy", "response_len"),
+        plot_name="rewards.png",
+    )
 
-    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None and not resume:
-        ckpt.close()
-        raise FileExistsError(f"{ckpt.directory} has checkpoints (step {start}); resume=True?")
-    if start is not None:
-        state, _ = ckpt.restore(start, abstract_state(state, shardings))
-    start = start or 0
-    if main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    logger = metrics_lib.MetricsLogger(metrics_path, resume_step=start)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = metrics_lib.progress_bar(cfg.steps, initial=start, desc=cfg.name)
-    try:
-        for i in range(start, end):
-            state, row, _ = rl_step(setup, state, i)
-            bar.update(1)
-            if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-                logger.log(i + 1, **row)
-                bar.set_postfix(reward=f"{row['reward']:.3f}")
-            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
-                ckpt.save(i + 1, state, {"step": i + 1, "config": config_to_dict(cfg)})
-    finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
-    summary: dict[str, Any] = {"output_dir": out, "start_step": start, "step": max(start, end)}
-    summary["sft_accuracy"] = sft_acc
-    if end < cfg.steps:
-        return {**summary, "stopped_at": end}
-    params = nnx.state(model.llm, nnx.Param)
-    nnx.replace_by_pure_dict(params, state.params)
-    nnx.update(model.llm, params)
-    keys = ("reward", "reward_mc_accuracy", "response_len")
-    summary["plot"] = metrics_lib.plot_metrics(metrics_path, os.path.join(out, "rewards.png"), keys)
-    save_nvila(model, model_dir := os.path.join(out, "model"))
-    summary["model_dir"] = model_dir
-    summary["rl_accuracy"] = evaluate("rl")
-    summary["cache"] = setup.cache.stats()
-    _write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+
+def run_rl(cfg: RLJobConfig, *, resume: bool | str = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) the RL job on the shared loop; returns a summary (also summary.json)
+    with sft_accuracy and rl_accuracy (held-out greedy accuracy before / after RL).
+    stop_after: stop right after that step as if killed (tests resumption)."""
+    return run_loop(
+        cfg, lambda mesh: build_rl_job(cfg.resolved(), mesh), resume=resume, stop_after=stop_after
+    )
 
 
 def _minibatches(batch: dict, n: int, g: int):

@@ -5,6 +5,7 @@ summary = run_train(TrainJobConfig(steps=50))   # writes runs/train_tiny/...
 """
 
 from jaxstack.train.checkpoint import Checkpointer, CheckpointError, abstract_state
+from jaxstack.train.loop import LoopParts, NonFiniteLossError, RunConfig, run_loop
 from jaxstack.train.metrics import MetricsLogger, plot_metrics, progress_bar, read_metrics
 from jaxstack.train.step import (
     OptimConfig,
@@ -14,12 +15,14 @@ from jaxstack.train.step import (
     lm_loss_sums,
     make_optimizer,
     make_train_step,
+    make_update,
+    merge_trainable,
     place_batch,
+    split_frozen,
 )
 from jaxstack.train.trainer import (
     DataSection,
     ModelSection,
-    NonFiniteLossError,
     TrainJobConfig,
     build_data,
     build_model,
@@ -30,6 +33,8 @@ from jaxstack.train.trainer import (
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "LoopParts",
+    "RunConfig",
     "DataSection",
     "MetricsLogger",
     "ModelSection",
@@ -46,6 +51,10 @@ __all__ = [
     "lm_loss_sums",
     "make_optimizer",
     "make_train_step",
+    "make_update",
+    "merge_trainable",
+    "run_loop",
+    "split_frozen",
     "place_batch",
     "plot_metrics",
     "progress_bar",

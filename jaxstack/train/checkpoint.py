@@ -112,6 +112,15 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON meta record of checkpoint `step` (no arrays are read)."""
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            return dict(self._manager.restore(step, args=args)["meta"])
+        except Exception as e:  # not written by Checkpointer.save, or damaged
+            where = os.path.join(self.directory, str(step))
+            raise CheckpointError(f"{where} has no readable meta record: {e}") from e
+
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         """(state, meta) of checkpoint `step`.
 

@@ -23,29 +23,25 @@ decoding part a sampler commits one token per step (LLaDA's baseline schedule).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import random
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxstack.config import config_to_dict, save_config
 from jaxstack.data import synthetic
 from jaxstack.models.dllm import DLLMConfig, make_diffusion_loss
-from jaxstack.models.llm import LLM, REMAT_POLICIES
-from jaxstack.parallel.mesh import init_sharded, make_mesh
+from jaxstack.models.llm import LLM
+from jaxstack.parallel.mesh import init_sharded
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
-from jaxstack.train.checkpoint import Checkpointer, abstract_state
+from jaxstack.train.loop import LoopParts, RunConfig, run_loop, write_json
+from jaxstack.train.sections import DTYPES, NumericsSection
 from jaxstack.train.step import OptimConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 BATCH_KEYS = ("input_ids", "prompt_mask", "t", "mask_u")
 CACHE_PARTS = {"baseline": None, "prefix": "prefix", "dual": "dual"}
 DECODE_PARTS = ("parallel", "factor")
@@ -80,20 +76,12 @@ TASKS = {
 
 
 @dataclasses.dataclass
-class DLLMModelSection:
+class DLLMModelSection(NumericsSection):
     """name: a diffusion-LLM preset ("llada-100m", "tiny-llada", ...: trained from scratch with
     the vocabulary resized to the tokenizer's plus one [MASK] id) or a LLaDA / Dream checkpoint
-    directory (fine-tuned; its own mask id)."""
+    directory (fine-tuned; its own mask id). dtype / param_dtype / remat: `NumericsSection`."""
 
     name: str = "llada-small"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
-
-    def __post_init__(self):
-        for key, ok in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES)):
-            if getattr(self, key) not in ok:
-                raise ValueError(f"{key} must be one of {list(ok)}, got {getattr(self, key)!r}")
 
 
 @dataclasses.dataclass
@@ -150,12 +138,13 @@ class DLLMEvalSection:
 
 
 @dataclasses.dataclass
-class DLLMTrainConfig:
+class DLLMTrainConfig(RunConfig):
     """A diffusion-LLM training job. optim.total_steps = 0 means "= steps"; mesh e.g. "data=2"
     ("" = data parallel over all devices)."""
 
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_FREE, "eval")
+
     name: str = "dllm_sort_tiny"
-    output_dir: str = ""
     model: DLLMModelSection = dataclasses.field(default_factory=DLLMModelSection)
     data: TaskDataSection = dataclasses.field(default_factory=TaskDataSection)
     eval: DLLMEvalSection = dataclasses.field(default_factory=DLLMEvalSection)
@@ -166,20 +155,6 @@ class DLLMTrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
-    mesh: str = ""
-    seed: int = 0
-
-    def __post_init__(self):
-        for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-
-    def resolved(self) -> DLLMTrainConfig:
-        return dataclasses.replace(
-            self,
-            output_dir=self.output_dir or os.path.join("runs", self.name),
-            optim=dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps),
-        )
 
 
 def sampler_settings(name: str, ev: DLLMEvalSection) -> dict[str, Any]:
@@ -392,28 +367,14 @@ def plot_samplers(result: dict, png_path: str) -> str | None:
 # -- job ---------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
-
-
-def run_dllm_train(
-    cfg: DLLMTrainConfig, *, resume: bool = True, stop_after: int | None = None
-) -> dict:
-    """Run (or resume) the job; returns a summary dict (also summary.json).
-
-    stop_after: stop right after that global step as if killed (tests resumption).
-    """
+def build_dllm_train(cfg: DLLMTrainConfig, mesh) -> LoopParts:
+    """The dLLM job's parts for `run_loop`: model, task batches (noise drawn per step from
+    (seed, i)), the masked-diffusion loss; at the end the LLaDA/Dream export and the sampler
+    comparison (eval.json, samplers.png)."""
     from jaxstack.data.tokenizer import load_tokenizer
     from jaxstack.hf.dllm import save_dllm
-    from jaxstack.parallel.distributed import initialize
 
-    initialize()
-    cfg = cfg.resolved()
     out, main = cfg.output_dir, jax.process_index() == 0
-    os.makedirs(out, exist_ok=True)
-    mesh = make_mesh(cfg.mesh or None)
     tok = load_tokenizer(cfg.data.tokenizer)
     data = TaskBatches(cfg.data, tok)
     model, dcfg = build_dllm(cfg.model, tok, mesh, cfg.seed)
@@ -424,64 +385,46 @@ def run_dllm_train(
     train_step = step_lib.make_train_step(
         graphdef, rest, optimizer, loss_sums=loss, mesh=mesh, state_sh=shardings
     )
-    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None and not resume:
-        ckpt.close()
-        raise FileExistsError(f"{ckpt.directory} has checkpoints (step {start}); resume=True?")
-    if start is not None:
-        state, _ = ckpt.restore(start, abstract_state(state, shardings))
-    start = start or 0
-    if main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    logger = metrics_lib.MetricsLogger(metrics_path, resume_step=start)
-    lr_at = step_lib.learning_rate_schedule(cfg.optim)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = metrics_lib.progress_bar(cfg.steps, initial=start, desc=cfg.name)
-    t0 = time.perf_counter()
-    try:
-        for i in range(start, end):
-            batch = step_lib.place_batch(mesh, data.batch(i))
-            state, metrics = train_step(state, batch)
-            bar.update(1)
-            if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {i + 1}; stopped")
-                logger.log(i + 1, loss=m["loss"], grad_norm=m["grad_norm"], lr=float(lr_at(i)))
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
-                ckpt.save(i + 1, state, {"step": i + 1, "config": config_to_dict(cfg)})
-    finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
-    summary: dict[str, Any] = {"output_dir": out, "start_step": start, "step": max(start, end)}
-    summary["train_seconds"] = time.perf_counter() - t0
-    if end < cfg.steps:
-        return {**summary, "stopped_at": end}
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, state.params)
-    nnx.update(model, params)
-    summary.update(metrics_lib.summarize(metrics_lib.read_metrics(metrics_path)))
-    summary["plot"] = metrics_lib.plot_metrics(
-        metrics_path, os.path.join(out, "loss.png"), ("loss", "lr")
+
+    def finish(state, summary: dict) -> dict:
+        params = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(params, state.params)
+        nnx.update(model, params)
+        save_dllm(model, dcfg, model_dir := os.path.join(out, "model"))
+        extra: dict[str, Any] = {"model_dir": model_dir}
+        if cfg.eval.num > 0:
+            result = evaluate_samplers(model, dcfg, data, cfg.eval)
+            write_json(os.path.join(out, "eval.json"), result)
+            extra["sampler_plot"] = plot_samplers(result, os.path.join(out, "samplers.png"))
+            extra["eval"] = {
+                name: {k: r[k] for k in ("accuracy", "tokens_per_step", "speedup_vs_baseline")}
+                for name, r in result["samplers"].items()
+            }
+            if main:
+                print(format_eval_table(result))
+        return extra
+
+    return LoopParts(
+        state=state,
+        shardings=shardings,
+        step=lambda state, _, i: train_step(state, step_lib.place_batch(mesh, data.batch(i))),
+        finish=finish,
     )
-    save_dllm(model, dcfg, model_dir := os.path.join(out, "model"))
-    summary["model_dir"] = model_dir
-    if cfg.eval.num > 0:
-        result = evaluate_samplers(model, dcfg, data, cfg.eval)
-        _write_json(os.path.join(out, "eval.json"), result)
-        summary["sampler_plot"] = plot_samplers(result, os.path.join(out, "samplers.png"))
-        summary["eval"] = {
-            name: {k: r[k] for k in ("accuracy", "tokens_per_step", "speedup_vs_baseline")}
-            for name, r in result["samplers"].items()
-        }
-        if main:
-            print(format_eval_table(result))
-    _write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+
+
+def run_dllm_train(
+    cfg: DLLMTrainConfig, *, resume: bool | str = True, stop_after: int | None = None
+) -> dict:
+    """Run (or resume) the job on the shared loop; returns a summary dict (also summary.json).
+
+    stop_after: stop right after that global step as if killed (tests resumption).
+    """
+    return run_loop(
+        cfg,
+        lambda mesh: build_dllm_train(cfg.resolved(), mesh),
+        resume=resume,
+        stop_after=stop_after,
+    )
 
 
 def format_eval_table(result: dict) -> str:

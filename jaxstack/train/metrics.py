@@ -140,13 +140,33 @@ def _finite(value: Any) -> bool:
 
 
 def summarize(records: Iterable[dict], key: str = "loss", window: int = 10) -> dict[str, float]:
-    """First / last-window-mean / min of `key` over the records (for run summaries)."""
+    """First, last, smoothed-last (mean of the last `window` logged values, named as such) and
+    min of `key` over the records (for run summaries)."""
     vals = [r[key] for r in records if _finite(r.get(key))]
     if not vals:
         return {}
     tail = vals[-window:]
     return {
         f"first_{key}": vals[0],
-        f"final_{key}": sum(tail) / len(tail),
+        f"final_{key}": vals[-1],
+        f"final_{key}_mean{window}": sum(tail) / len(tail),
         f"min_{key}": min(vals),
     }
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter (IPython kernel) session."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def show_in_notebook(png_path: str | None) -> None:
+    """Display a saved plot inline when running in a notebook (no-op elsewhere)."""
+    if png_path and jax.process_index() == 0 and in_notebook():
+        from IPython.display import Image, display
+
+        display(Image(filename=png_path))

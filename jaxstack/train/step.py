@@ -78,9 +78,9 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh) -> dict:
+def param_shardings(model: nnx.Module, mesh: Mesh, trainable: nnx.filterlib.Filter = nnx.Param):
     """NamedShardings (pure dict, same structure as TrainState.params) by the mesh rules."""
-    return nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh))
+    return nnx.to_pure_dict(state_shardings(nnx.state(model, trainable), mesh))
 
 
 def opt_state_shardings(opt_state_shapes, params_sh: dict, mesh: Mesh):
@@ -99,24 +99,49 @@ def opt_state_shardings(opt_state_shapes, params_sh: dict, mesh: Mesh):
 
 
 def init_train_state(
-    model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    *,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> tuple[TrainState, TrainState | None]:
     """(state, shardings) from a model whose params are already placed (see `shard_model`).
 
-    Params are float32 master weights as a pure dict; optimizer moments are created directly in
-    their param's sharding. shardings is None without a mesh.
+    Params are the `trainable` parameters (default: all) as a pure dict of float32 master
+    weights; the others (a frozen vision tower, LoRA base weights) are not in the state, so they
+    get no optimizer moments, no gradients and no checkpoint entries (`split_frozen` gives
+    them). Optimizer moments are created directly in their param's sharding. shardings is None
+    without a mesh.
     """
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(model, trainable))
     if mesh is None:
         opt_state = jax.jit(optimizer.init)(params)
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state), None
-    params_sh = param_shardings(model, mesh)
+    params_sh = param_shardings(model, mesh, trainable)
     opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     return TrainState(step, params, opt_state), shardings
+
+
+def split_frozen(
+    model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, frozen params, rest) for a model trained on its `trainable` params only.
+
+    `merge_trainable(graphdef, params, frozen, rest)` rebuilds the model from a TrainState's
+    params (pure dict). frozen holds the parameters outside `trainable` (empty when all train);
+    rest is the non-parameter state.
+    """
+    graphdef, _, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    return graphdef, frozen, rest
+
+
+def merge_trainable(graphdef: nnx.GraphDef, params, frozen: nnx.State, rest: nnx.State):
+    """The model of `split_frozen` with the trainable params `params` (pure dict or State)."""
+    return nnx.merge(graphdef, params, frozen, rest)
 
 
 def token_cross_entropy(logits_btv: Array, targets_bt: Array) -> Array:
@@ -171,6 +196,86 @@ def _split_micro(batch: Batch, grad_accum: int) -> Batch:
     return jax.tree.map(one, batch)
 
 
+Objective = Callable[[nnx.State, Batch, object], tuple[Array, Array, dict[str, Array]]]
+
+
+def make_update(
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+    state_sh: TrainState | None = None,
+    frozen_sh=None,
+) -> Callable[[TrainState, Batch, object], tuple[TrainState, dict[str, Array]]]:
+    """Build the jitted `update(state, batch, frozen) -> (state, metrics)` every job trains with.
+
+    objective(params, micro_batch, frozen) -> (loss numerator, denominator, aux metrics): the
+    loss is numerator / denominator summed over the `grad_accum` micro-batches (strided rows of
+    the batch), so accumulation is exact for token-sum losses (denominator = token count) and a
+    plain mean for per-batch losses (denominator 1). frozen: any pytree the objective reads but
+    does not train (frozen params, an RL reference policy; None for none); it is an argument,
+    never a constant baked into the program, and never donated.
+    mesh/state_sh/frozen_sh: the mesh and shardings (`init_train_state`); the state is donated
+    and keeps its shardings, the program gets `compiler_options(mesh)` and runs under the mesh.
+    metrics: loss, tokens (the denominator), grad_norm and the aux metrics (means over
+    micro-batches); float32 scalars.
+    """
+
+    def loss_fn(params, micro, frozen):
+        num, den, aux = objective(params, micro, frozen)
+        return num, (den, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(state: TrainState, batch: Batch, frozen):
+        with use_mesh(mesh):
+            micro = _split_micro(batch, grad_accum)
+
+            def body(carry, mb):
+                g_acc, l_acc, n_acc, a_acc = carry
+                (num, (den, aux)), g = grad_fn(state.params, mb, frozen)
+                aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+                a_acc = jax.tree.map(jnp.add, a_acc, aux) if a_acc is not None else aux
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + num, n_acc + den, a_acc), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            carry, _ = body(
+                (
+                    jax.tree.map(jnp.zeros_like, state.params),
+                    jnp.zeros((), jnp.float32),
+                    jnp.zeros((), jnp.float32),
+                    None,
+                ),
+                first,
+            )
+            if grad_accum > 1:
+                carry, _ = jax.lax.scan(body, carry, jax.tree.map(lambda x: x[1:], micro))
+            grads, loss_sum, n_tokens, aux = carry
+            denom = jnp.maximum(n_tokens, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **{k: v / grad_accum for k, v in aux.items()},
+            "loss": loss_sum / denom,
+            "tokens": n_tokens,
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    if mesh is None or state_sh is None:
+        return jax.jit(update, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        update,
+        donate_argnums=0,
+        in_shardings=(state_sh, None, frozen_sh),
+        out_shardings=(state_sh, replicated),
+        compiler_options=compiler_options(mesh),
+    )
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     rest: nnx.State,
@@ -181,58 +286,19 @@ def make_train_step(
     mesh: Mesh | None = None,
     state_sh: TrainState | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """Build `step(state, batch) -> (state, metrics)`.
+    """`step(state, batch) -> (state, metrics)` for a token-sum loss over all params.
 
     graphdef/rest: from `nnx.split(model, nnx.Param, ...)` (rest = non-parameter state).
-    The batch's leading dim is split into `grad_accum` micro-batches whose gradients are summed
-    (loss normalised by the total number of loss tokens, so accumulation is exact).
-    mesh/state_sh: the mesh and the state's shardings (from `init_train_state`); the batch
-    keeps the sharding it was placed with (`place_batch`).
-    metrics: loss (mean token NLL), tokens (loss-token count), grad_norm; float32 scalars.
+    loss_sums(model, micro_batch) -> (sum of token losses, loss-token count). The rest as in
+    `make_update` (whose `update(state, batch, None)` this is).
     """
 
-    def loss_fn(params, micro):
-        model = nnx.merge(graphdef, params, rest)
-        return loss_sums(model, micro)
+    def objective(params, micro, _frozen):
+        total, count = loss_sums(nnx.merge(graphdef, params, rest), micro)
+        return total, count, {}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch: Batch):
-        with use_mesh(mesh):
-            micro = _split_micro(batch, grad_accum)
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-
-            def body(carry, mb):
-                g_acc, l_acc, n_acc = carry
-                (l_sum, n_tok), g = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l_sum, n_acc + n_tok), None
-
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            if grad_accum == 1:
-                (grads, loss_sum, n_tokens), _ = body(init, jax.tree.map(lambda x: x[0], micro))
-            else:
-                (grads, loss_sum, n_tokens), _ = jax.lax.scan(body, init, micro)
-            denom = jnp.maximum(n_tokens, 1.0)
-            grads = jax.tree.map(lambda g: g / denom, grads)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / denom,
-            "tokens": n_tokens,
-            "grad_norm": optax.tree.norm(grads),
-        }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    if mesh is None or state_sh is None:
-        return jax.jit(step, donate_argnums=0)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        donate_argnums=0,
-        in_shardings=(state_sh, None),
-        out_shardings=(state_sh, replicated),
-        compiler_options=compiler_options(mesh),
-    )
+    update = make_update(objective, optimizer, grad_accum=grad_accum, mesh=mesh, state_sh=state_sh)
+    return lambda state, batch: update(state, batch, None)
 
 
 def batch_sharding(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
