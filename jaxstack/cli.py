@@ -35,11 +35,28 @@ def _job_config(cls, overrides_in: Sequence[str]):
     return load_config(cls, config, overrides)
 
 
+def _add_resume_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--no-resume", action="store_true", help="refuse to start if the run has checkpoints"
+    )
+    group.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the config changed in result-changing keys (recorded in "
+        "config_history.jsonl)",
+    )
+
+
+def _resume(args: argparse.Namespace) -> bool | str:
+    return "force" if args.force_resume else not args.no_resume
+
+
 def _sft(args: argparse.Namespace) -> int:
     from jaxstack.train.vlm_sft import VLMSFTConfig, run_vlm_sft
 
     cfg = _job_config(VLMSFTConfig, args.overrides)
-    summary = run_vlm_sft(cfg, resume=not args.no_resume)
+    summary = run_vlm_sft(cfg, resume=_resume(args))
     line = f"done: {summary.get('step')} steps, output in {summary.get('output_dir')}"
     if summary.get("final_loss") is not None:
         line += f", final loss {summary['final_loss']:.4f}"
@@ -53,7 +70,7 @@ def _rl(args: argparse.Namespace) -> int:
     from jaxstack.rl.trainer import RLJobConfig, run_rl
 
     cfg = _job_config(RLJobConfig, args.overrides)
-    summary = run_rl(cfg, resume=not args.no_resume)
+    summary = run_rl(cfg, resume=_resume(args))
     print(f"output in {summary['output_dir']}")
     sft, rl = summary.get("sft_accuracy"), summary.get("rl_accuracy")
     if sft is not None and rl is not None:
@@ -73,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _job_config(TrainJobConfig, args.overrides)
     initialize()
-    summary = run_train(cfg, resume=not args.no_resume)
+    summary = run_train(cfg, resume=_resume(args))
     final = summary.get("final_loss")
     acc = summary.get("eval_accuracy")
     line = f"done: {summary.get('step', cfg.steps)} steps, output in {summary.get('output_dir')}"
@@ -89,7 +106,7 @@ def _train_dllm(args: argparse.Namespace) -> int:
     from jaxstack.train.dllm_trainer import DLLMTrainConfig, run_dllm_train
 
     cfg = _job_config(DLLMTrainConfig, args.overrides)
-    summary = run_dllm_train(cfg, resume=not args.no_resume)
+    summary = run_dllm_train(cfg, resume=_resume(args))
     line = f"done: {summary.get('step')} steps, output in {summary.get('output_dir')}"
     if summary.get("final_loss") is not None:
         line += f", final loss {summary['final_loss']:.4f}"
@@ -179,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_help = "optional YAML config, then dotted overrides such as optim.lr=1e-3"
     rl = sub.add_parser("rl", help="long-video RL: CoT-SFT then GRPO/DAPO (the main job)")
     rl.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
-    rl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _add_resume_flags(rl)
     rl.set_defaults(func=_rl)
 
     sft = sub.add_parser("sft", help="chain-of-thought SFT of the video VLM")
     sft.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
-    sft.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _add_resume_flags(sft)
     sft.set_defaults(func=_sft)
 
     data = sub.add_parser("data", help="dataset tools")
@@ -202,14 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[CONFIG] key=value",
         help="optional YAML config, then dotted overrides such as optim.lr=1e-3",
     )
-    train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _add_resume_flags(train)
     train.set_defaults(func=_train)
 
     tdl = sub.add_parser(
         "train-dllm", help="train a diffusion LLM, then compare Fast-dLLM samplers"
     )
     tdl.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
-    tdl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _add_resume_flags(tdl)
     tdl.set_defaults(func=_train_dllm)
 
     gen = sub.add_parser("generate", help="generate text from a transformers checkpoint")
@@ -237,13 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxstack.train.run_dir import RunLockedError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+    except (ValueError, FileNotFoundError, KeyError, OSError, RunLockedError) as e:
         if os.environ.get("JAXSTACK_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

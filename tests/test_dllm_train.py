@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from loop_helpers import poison_step, same_weight_files
 from scoring import rescored_accuracy
 
 from jaxstack.config import load_config
@@ -201,6 +202,21 @@ def test_job_resumes_exactly_and_writes_the_sampler_table(tmp_path):
     ids = np.arange(10, dtype=np.int32)[None]
     other, _ = load_dllm(tmp_path / "b" / "model")
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(other(ids)))
+    assert same_weight_files(tmp_path / "a" / "model", tmp_path / "b" / "model")  # bit for bit
+
+
+def test_nan_at_a_checkpoint_step_is_caught_and_never_saved(tmp_path, monkeypatch):
+    from jaxstack.train import dllm_trainer
+    from jaxstack.train.checkpoint import Checkpointer
+    from jaxstack.train.loop import NonFiniteLossError
+
+    monkeypatch.setattr(
+        dllm_trainer, "build_dllm_train", poison_step(dllm_trainer.build_dllm_train, 4)
+    )
+    cfg = _tiny_job(tmp_path, steps=6, checkpoint_every=2, log_every=3)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4.*checkpoint: step 2"):
+        run_dllm_train(cfg)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
 
 
 def test_training_lowers_the_loss(tmp_path):

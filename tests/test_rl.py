@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from loop_helpers import poison_step, same_weight_files
 from scoring import rescored_accuracy
 
 from jaxstack.data.synth_video import synth_video_dataset
@@ -131,11 +132,24 @@ def test_run_rl_resume_exact(setup) -> None:
     assert a[-1]["encoder_calls"] + a[-1]["cache_hits"] == 12
     for name in ("rewards.png", "eval_sft.json", "eval_rl.json", "model/config.json"):
         assert os.path.exists(root / "a" / name), name
+    assert same_weight_files(str(root / "a" / "model"), str(root / "b" / "model"))
     # The reported accuracies are the held-out evals' rescored samples (4 each).
     for tag in ("sft", "rl"):
         ev = json.load(open(root / "a" / f"eval_{tag}.json"))
         assert straight[f"{tag}_accuracy"] == ev["accuracy"] == rescored_accuracy(ev["samples"])
         assert ev["num"] == len(ev["samples"]) == 4
+
+
+def test_nan_at_a_checkpoint_step_is_caught_and_never_saved(setup, monkeypatch) -> None:
+    from jaxstack.train.checkpoint import Checkpointer
+    from jaxstack.train.loop import NonFiniteLossError
+
+    monkeypatch.setattr(trainer, "build_rl_job", poison_step(trainer.build_rl_job, 4))
+    out = setup["root"] / "nan"
+    cfg = _rl_cfg(setup, str(out), steps=6, checkpoint_every=2, log_every=3, eval=0)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4.*checkpoint: step 2"):
+        trainer.run_rl(cfg)
+    assert Checkpointer(out / "checkpoints").all_steps() == [2]
 
 
 def test_run_rl_multi_update_kl_and_drgrpo(setup) -> None:

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from loop_helpers import poison_step
 from scoring import rescored_accuracy
 
 import jaxstack.train.step as step_lib
@@ -166,6 +167,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert Checkpointer(os.path.join(cfg.output_dir, "checkpoints")).all_steps() == [5]
     logged = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
     assert [r["step"] for r in logged] == list(range(1, 8))
+
+
+def test_nan_at_a_checkpoint_step_is_caught_and_never_saved(tmp_path, monkeypatch):
+    from jaxstack.train import trainer
+
+    monkeypatch.setattr(trainer, "build_train", poison_step(trainer.build_train, 4))
+    cfg = _config(tmp_path, "nan4", "steps=6", "checkpoint_every=2", "log_every=3", "eval=0")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4.*checkpoint: step 2"):
+        run_train(cfg)
+    assert Checkpointer(os.path.join(cfg.output_dir, "checkpoints")).all_steps() == [2]
 
 
 def test_default_config_is_the_tiny_yaml():

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from loop_helpers import poison_step, same_weight_files
 from scoring import rescored_accuracy
 
 from jaxstack.data.synth_video import synth_video_dataset
@@ -155,9 +156,21 @@ def test_sft_resume_exact_and_artifacts(dataset: str, tmp_path) -> None:
     assert losses("a") == losses("b") and len(losses("a")) == 4
     for name in ("loss.png", "eval.json", "summary.json", "config.yaml", "model/config.json"):
         assert os.path.exists(tmp_path / "a" / name), name
+    assert same_weight_files(str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model"))
     ev = json.load(open(tmp_path / "a" / "eval.json"))
     assert straight["eval_accuracy"] == ev["accuracy"] == rescored_accuracy(ev["samples"])
     assert ev["num"] == len(ev["samples"]) == 4
+
+
+def test_nan_at_a_checkpoint_step_is_caught_and_never_saved(dataset, tmp_path, monkeypatch):
+    from jaxstack.train.checkpoint import Checkpointer
+    from jaxstack.train.loop import NonFiniteLossError
+
+    monkeypatch.setattr(vlm_sft, "build_vlm_sft", poison_step(vlm_sft.build_vlm_sft, 4))
+    cfg = _small_cfg(dataset, str(tmp_path / "n"), steps=6, checkpoint_every=2, log_every=3)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4.*checkpoint: step 2"):
+        vlm_sft.run_vlm_sft(cfg)
+    assert Checkpointer(tmp_path / "n" / "checkpoints").all_steps() == [2]
 
 
 def test_sft_frozen_vision_tower_unchanged(dataset: str, tmp_path) -> None:

@@ -66,6 +66,18 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
 
+    def __post_init__(self):
+        checks = (
+            ("num_samples", self.num_samples >= 1),
+            ("max_new_tokens", self.max_new_tokens >= 1),
+            ("temperature", self.temperature >= 0),
+            ("top_p", 0 < self.top_p <= 1),
+            ("top_k", self.top_k >= 0),
+        )
+        for key, ok in checks:
+            if not ok:
+                raise ValueError(f"rollout.{key} out of range: {getattr(self, key)!r}")
+
 
 @dataclasses.dataclass
 class AlgoSection:

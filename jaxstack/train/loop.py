@@ -101,8 +101,9 @@ class LoopParts:
     (device arrays or floats) with at least "loss"; the state argument may be donated.
     batches(start, end): the host batches of steps start..end-1 (default: None per step, for
     steps that fetch their own data). log_row(step, metrics) -> extra fields for the logged row
-    (metrics as floats). counters() / restore_counters(d): host counters saved with every
-    checkpoint and restored on resume (skipped videos ...). finish(state, summary) -> summary
+    (metrics as floats). counters() / restore_counters(d): host counters (JSON values) saved
+    with every checkpoint and restored on resume (skipped videos ...); their values right after
+    each step are also logged with it (the scalar ones). finish(state, summary) -> summary
     fields, run once when the last step is done (export, evaluation). plot_keys: metrics drawn
     into plot_name.
     """
@@ -221,7 +222,7 @@ def _train(cfg, parts: LoopParts, state, ckpt: Checkpointer, start: int, out: st
     last_good = start or None
     last_loss: list[float] = []
 
-    def finish_step(step: int, metrics: dict) -> None:  # host side of (1-based) step `step`
+    def finish_step(step: int, metrics: dict, counted: dict) -> None:  # host side of a step
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])]
         if bad:
@@ -240,6 +241,7 @@ def _train(cfg, parts: LoopParts, state, ckpt: Checkpointer, start: int, out: st
                 row["lr"] = float(lr_at(step - 1))
             if parts.log_row is not None:
                 row.update(parts.log_row(step, m))
+            row.update({k: v for k, v in counted.items() if isinstance(v, int | float)})
             logger.log(step, **row)
             bar.set_postfix(loss=f"{m['loss']:.4f}")
 
@@ -249,9 +251,10 @@ def _train(cfg, parts: LoopParts, state, ckpt: Checkpointer, start: int, out: st
     try:
         for i, batch in zip(range(start, end), batches):
             state, metrics = parts.step(state, batch, i)
+            counted = parts.counters() if parts.counters is not None else {}
             if pending is not None:
                 finish_step(*pending)
-            pending = (i + 1, metrics)
+            pending = (i + 1, metrics, counted)
             if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
                 finish_step(*pending)  # never save a state whose step is not checked
                 pending = None

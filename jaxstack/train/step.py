@@ -37,6 +37,22 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
 
+    def __post_init__(self):
+        checks = (
+            ("lr", self.lr > 0),
+            ("min_lr_ratio", self.min_lr_ratio >= 0),
+            ("warmup_steps", self.warmup_steps >= 0),
+            ("total_steps", self.total_steps >= 0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("b1", 0 <= self.b1 < 1),
+            ("b2", 0 <= self.b2 < 1),
+            ("eps", self.eps > 0),
+            ("clip_norm", self.clip_norm > 0),
+        )
+        for key, ok in checks:
+            if not ok:
+                raise ValueError(f"optim.{key} out of range: {getattr(self, key)!r}")
+
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(

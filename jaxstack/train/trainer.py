@@ -54,6 +54,16 @@ class DataSection:
     chat: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        for key in ("seq_len", "batch_size", "grad_accum", "num_records", "max_digits"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is not divisible by "
+                f"data.grad_accum={self.grad_accum}"
+            )
+
 
 @dataclasses.dataclass
 class SequenceParallelSection:
@@ -107,6 +117,11 @@ class TrainJobConfig(RunConfig):
     )
     eval: int = 128  # held-out synthetic prompts answered (greedy) at the end; 0 = skip
     max_new_tokens: int = 6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval < 0 or self.max_new_tokens < 1:
+            raise ValueError("eval must be >= 0 and max_new_tokens >= 1")
 
 
 def build_model(cfg: ModelSection, vocab_size: int, mesh: Mesh, seed: int) -> LLM:

@@ -33,6 +33,13 @@ class VideoDataSection:
     seq_len: int = 208
     seed: int = 0
 
+    def __post_init__(self):
+        if self.synth_num < 0:
+            raise ValueError(f"data.synth_num must be >= 0, got {self.synth_num}")
+        for key in ("synth_frames", "num_frames", "image_size", "batch_size", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+
 
 # -- data --------------------------------------------------------------------------------------
 

@@ -72,8 +72,8 @@ class VLMSFTConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_batch < 1:
-            raise ValueError(f"eval_batch must be >= 1, got {self.eval_batch}")
+        if self.eval_batch < 1 or self.eval < 0 or self.max_new_tokens < 1:
+            raise ValueError("eval_batch and max_new_tokens must be >= 1, eval >= 0")
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -187,7 +187,6 @@ def build_vlm_sft(cfg: VLMSFTConfig, mesh) -> LoopParts:
         state=state,
         shardings=shardings,
         step=step,
-        log_row=lambda step_no, m: {"skipped_videos": data.skipped},
         counters=lambda: {"skipped_videos": data.skipped},
         restore_counters=restore_counters,
         finish=finish,
