@@ -14,147 +14,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dllm_reference import MASK, reference_generate
+from dllm_reference import jit_forward as _jit_forward
+from dllm_reference import tiny_cfg as _cfg
+from dllm_reference import tiny_model as _model
 from flax import nnx
 
 from jaxstack.generate.dllm import (
     dllm_generate,
     factor_transfer,
     num_transfer_schedule,
-    step_noise,
     threshold_transfer,
 )
 from jaxstack.hf.dllm import load_dllm
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.safetensors_io import write_safetensors
-from jaxstack.models.dllm import (
-    DLLMConfig,
-    diffusion_loss_sums,
-    dllm_logits,
-    draw_diffusion_noise,
-    init_dllm,
-    make_diffusion_loss,
-)
-from jaxstack.models.llm import LLM, LLMConfig
+from jaxstack.models.dllm import DLLMConfig, dllm_logits, init_dllm
+from jaxstack.train.losses import diffusion_loss_sums, draw_diffusion_noise, make_diffusion_loss
 
-MASK = 63
 LP, GEN, BK = 3, 16, 8
-
-
-def _cfg(kind: str = "llada", causal: bool = False) -> LLMConfig:
-    return LLMConfig(
-        architecture="llama" if kind == "llada" else "qwen2",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=4 if kind == "llada" else 2,
-        head_dim=8,
-        rope_theta=500000.0 if kind == "llada" else 10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=kind == "dream",
-        causal=causal,
-    )
-
-
-def _model(kind: str = "llada", causal: bool = False, seed: int = 0) -> LLM:
-    """A tiny model with O(1) random weights (the default init gives near-uniform logits)."""
-    model = LLM(_cfg(kind, causal), rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    new = [
-        1.0 + 0.2 * jax.random.normal(k, x.shape)
-        if x.ndim == 1
-        else 1.5 * jax.random.normal(k, x.shape) / np.sqrt(x.shape[0])
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    nnx.update(model, jax.tree.unflatten(treedef, new))
-    return model
-
-
-def _jit_forward(model: LLM):
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda x: fn(state, jnp.asarray(x))
 
 
 def _prompt(batch: int = 2, seed: int = 1) -> np.ndarray:
     return np.asarray(jax.random.randint(jax.random.key(seed), (batch, LP), 0, MASK))
-
-
-# -- a plain reference of spec §2 (LLaDA generate / Fast-dLLM get_transfer_index) -----------------
-
-
-def reference_generate(
-    forward,
-    prompt: np.ndarray,
-    *,
-    gen_length: int,
-    block_length: int,
-    steps: int,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    threshold: float | None = None,
-    kind: str = "llada",
-    seed: int = 0,
-):
-    """Loop-and-index transcription of the reference sampler (no cache). Returns (x, nfe)."""
-    b, lp = prompt.shape
-    x = np.concatenate([prompt, np.full((b, gen_length), MASK)], axis=1)
-    num_blocks = gen_length // block_length
-    s_b = steps // num_blocks
-    key = jax.random.key(seed)
-    nfe = 0
-    for blk in range(num_blocks):
-        s, e = lp + blk * block_length, lp + (blk + 1) * block_length
-        n = (x[:, s:e] == MASK).sum(1)
-        if kind == "dream":  # step 0 commits the block's first token; the rest over s_b - 1
-            sb = max(s_b - 1, 1)
-            k_sched = [[(r - 1) // sb + (i < (r - 1) % sb) for i in range(sb)] for r in n]
-        else:
-            k_sched = [[r // s_b + (i < r % s_b) for i in range(s_b)] for r in n]
-        i = 0
-        while True:
-            logits = np.asarray(forward(x), np.float64)
-            if kind == "dream":
-                logits = np.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
-            block = logits[:, s:e]
-            gumbel_u, remask_u = (np.asarray(a) for a in step_noise(key, nfe, block.shape))
-            score = (
-                np.exp(block) / (-np.log(gumbel_u)) ** temperature if temperature else block.copy()
-            )
-            score[..., MASK] = -np.inf  # [MASK] is never a prediction (see `predict`)
-            x0 = np.argmax(score, axis=-1)
-            if remasking == "low_confidence":
-                p = np.exp(block - block.max(-1, keepdims=True))
-                p /= p.sum(-1, keepdims=True)
-                c = np.take_along_axis(p, x0[..., None], -1)[..., 0]
-            else:
-                c = remask_u
-            masked = x[:, s:e] == MASK
-            conf = np.where(masked, c, -np.inf)
-            for r in range(b):
-                order = np.argsort(-conf[r], kind="stable")
-                if kind == "dream" and i == 0:
-                    chosen = [0] if masked[r, 0] else []
-                elif threshold is not None:
-                    m = int(masked[r].sum())
-                    chosen = [
-                        j for t, j in enumerate(order[:m]) if t == 0 or conf[r, j] >= threshold
-                    ]
-                else:
-                    k = k_sched[r][min(i - (kind == "dream"), len(k_sched[r]) - 1)]
-                    chosen = list(order[:k])
-                for j in chosen:  # x0 = where(mask_index, x0, x) in the reference
-                    if masked[r, j]:
-                        x[r, s + j] = x0[r, j]
-            nfe += 1
-            i += 1
-            if not (x[:, s:e] == MASK).any():
-                break
-    return x, nfe
 
 
 # -- §5.1 baseline token-exact -------------------------------------------------------------------
@@ -629,7 +511,7 @@ def test_presets():
     assert not llada.llm.tie_word_embeddings and not llada.llm.attention_bias
     dream = DLLMConfig.preset("dream-7b")
     assert dream.mask_id == 151666 and dream.shift_logits and not dream.llm.causal
-    with pytest.raises(ValueError, match="unknown diffusion LLM preset"):
+    with pytest.raises(ValueError, match="unknown preset 'llada-1b' for DLLMConfig; known"):
         DLLMConfig.preset("llada-1b")
     tiny = DLLMConfig.preset("tiny-dream")
     model = init_dllm(tiny)
