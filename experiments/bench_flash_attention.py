@@ -9,11 +9,12 @@ same process, bf16, head_dim 128:
   i.e. one ring step of a single block; cuDNN/XLA: ``jax.vjp`` of
   ``jax.nn.dot_product_attention(implementation=...)``).
 
-FLOPs: forward 4 * B * Nq * T * S * H, halved when causal; forward + backward counted as 3.5x
-the forward (specs/kernels.md convention). The batch shrinks with the sequence so B * T stays
-32k tokens. Medians over ``--iters`` timed calls after ``--warmup`` calls, each ending in
-``block_until_ready``; inputs are random normal (never zeros). An implementation that fails
-(e.g. XLA out of memory at 32k) is recorded with its error instead of a time.
+FLOPs: forward 4 * B * Nq * T * S * H, halved when causal; forward + backward counted as 3.5x the
+forward (the convention of the project spec kernels.md, ../shared/specs/kernels.md). The batch
+shrinks with the sequence so B * T stays 32k tokens. Medians over ``--iters`` timed calls after
+``--warmup`` calls, each ending in ``block_until_ready``; inputs are random normal (never zeros).
+An implementation that fails (e.g. XLA out of memory at 32k) is recorded with its error instead of
+a time.
 
 Writes experiments/results/flash_attention.json (device, jax version, shapes, medians, TFLOP/s,
 Pallas/cuDNN time ratios). ``--quick`` runs tiny shapes (Pallas in interpret mode off-GPU, cuDNN
@@ -29,31 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from timing import timed  # the benchmarks' one timing helper
 
 from pallas_kernels.flash_attention import pallas_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 32768  # B * T per measurement
-
-
-def timed(fn: Callable[[], object], *, warmup: int, iters: int) -> list[float]:
-    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def attention_flops(b: int, t: int, s: int, nq: int, h: int, causal: bool) -> float:
@@ -124,13 +112,12 @@ def bench_case(
     fwd, fwd_bwd = make_fns(impl, causal=causal, seq=seq, interpret=interpret)
     for name, fn, f in (("fwd", fwd, flops), ("fwd_bwd", fwd_bwd, 3.5 * flops)):
         try:
-            ts = timed(lambda fn=fn: fn(q, k, v, dout), warmup=warmup, iters=iters)
+            med = timed(fn, q, k, v, dout, warmup=warmup, repeats=iters)
         except Exception as e:  # OOM, unsupported config: record and go on
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"  {impl:6s} {name:8s} FAILED {type(e).__name__}", flush=True)
             continue
-        med = statistics.median(ts)
-        res[name] = {"median_ms": med * 1e3, "tflops": f / med / 1e12, "iters": len(ts)}
+        res[name] = {"median_ms": med * 1e3, "tflops": f / med / 1e12, "iters": iters}
         print(
             f"  {impl:6s} {name:8s} {med * 1e3:9.3f} ms  {f / med / 1e12:7.1f} TFLOP/s", flush=True
         )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import timed  # the benchmarks' one timing helper
 
 from jaxstack.generate import generate
 from jaxstack.models.llm import LLMConfig, init_llm
@@ -48,29 +49,18 @@ def flops_per_token(cfg: LLMConfig, seq: int) -> float:
     return 6 * n_matmul + 6 * cfg.num_layers * seq * nq * h
 
 
-def timed(fn, *, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def measure_ceilings(small: bool = False) -> dict:
     """Device copy bandwidth (bytes read + written) and bf16 n^3 matmul rate (n = 8192)."""
     key = jax.random.key(0)
     x = jax.random.normal(key, (1 << (20 if small else 30),), jnp.bfloat16)  # 2 GiB on GPU
     copy = jax.jit(lambda a: a * 1.0001)
-    t = statistics.median(timed(lambda: copy(x), warmup=3, iters=20))
+    t = timed(copy, x, warmup=3, repeats=20)
     bw = 2 * x.nbytes / t
     n = 512 if small else 8192
     a = jax.random.normal(key, (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda a, b: a @ b)
-    tm = statistics.median(timed(lambda: mm(a, b), warmup=3, iters=20))
+    tm = timed(mm, a, b, warmup=3, repeats=20)
     return {"copy_bytes_per_s": bw, "bf16_matmul_flops_per_s": 2 * n**3 / tm, "matmul_n": n}
 
 
@@ -103,9 +93,9 @@ def bench_train(cfg: LLMConfig, seq: int, micro: int, accum: int, remat: str, it
     t0 = time.perf_counter()
     jax.block_until_ready(run())
     compile_s = time.perf_counter() - t0
-    times = timed(run, warmup=2, iters=iters)
+    times: list[float] = []
+    med = timed(run, warmup=2, repeats=iters, times=times)
     loss = float(run())
-    med = statistics.median(times)
     tokens = gb * seq
     tps = tokens / med
     fpt = flops_per_token(cfg, seq)

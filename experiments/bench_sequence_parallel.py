@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_flash_attention import timed  # same timing loop as the other benchmarks
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from timing import timed  # the benchmarks' one timing helper
 
 from jaxstack.nn.attention import dot_product_attention
 from jaxstack.parallel import make_mesh, sequence_parallel_attention, to_zigzag
 
 
 def median_time(fn, args, iters: int) -> float:
-    return statistics.median(timed(lambda: fn(*args), warmup=2, iters=iters))
+    return timed(fn, *args, warmup=2, repeats=iters)
 
 
 def grad_fn(attn):

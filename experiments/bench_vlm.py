@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,26 +32,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from timing import timed  # the benchmarks' one timing helper
 
 from jaxstack.models.llm import LLMConfig, init_llm
 from jaxstack.models.nvila_connector import Projector2x2, tokens_to_map
-from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower, siglip_config
+from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower
 from jaxstack.models.vlm import VLMConfig
 
 
 def log(msg: str) -> None:
     print(f"[bench_vlm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def timed(fn, *, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _error(e: Exception) -> str:
@@ -89,8 +78,8 @@ def bench_vision(vcfg: VLMConfig, batches: list[int], iters: int) -> list[dict]:
             y = jax.block_until_ready(fwd(state, x))
             first = time.perf_counter() - t0
             assert y.shape == (b, vcfg.tokens_per_frame, vcfg.llm.hidden_size), y.shape
-            times = timed(lambda x=x: fwd(state, x), warmup=1, iters=iters)
-            med = statistics.median(times)
+            times: list[float] = []
+            med = timed(fwd, state, x, warmup=1, repeats=iters, times=times)
             r = {
                 "batch": b,
                 "ms_median": 1e3 * med,
@@ -160,8 +149,8 @@ def bench_prefill(llm_cfg: LLMConfig, cases: list[dict], iters: int, long_s: flo
             assert y.shape == (1, llm_cfg.vocab_size), y.shape
             r["logits_finite"] = bool(jnp.isfinite(y).all())
             n = 1 if first > long_s else iters  # long prompts: one timed call after the compile
-            times = timed(lambda x=x: fn(state, x), warmup=0 if n == 1 else 1, iters=n)
-            med = statistics.median(times)
+            times: list[float] = []
+            med = timed(fn, state, x, warmup=0 if n == 1 else 1, repeats=n, times=times)
             r.update(
                 ms_median=1e3 * med,
                 ms_all=[1e3 * t for t in times],
@@ -222,7 +211,7 @@ def main(argv=None) -> int:
         args.vision_batches, args.iters = "4,8", 2
     else:
         vcfg = VLMConfig(
-            vision=siglip_config("so400m-patch14-448"),
+            vision=SiglipConfig.preset("so400m-patch14-448"),
             llm=LLMConfig.preset("qwen2.5-7b"),
             frames_per_group=8,
             media_token_id=151649,

@@ -18,7 +18,6 @@ import collections
 import glob
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_fast_dllm import generate_kwargs  # the benchmark's settings of one point
-from bench_flash_attention import timed  # same timing loop as the benchmarks
+from timing import timed  # the benchmarks' one timing helper
 
 from jaxstack.generate.dllm import dllm_generate
 from jaxstack.models.dllm import DLLMConfig, init_dllm
@@ -111,7 +110,7 @@ def profile_mode(model, dcfg, prompt, length, cache, prefix_bucket):
 
 
 def _median_ms(fn, *args, repeats=20):
-    return 1e3 * statistics.median(timed(lambda: fn(*args), warmup=1, iters=repeats))
+    return 1e3 * timed(fn, *args, warmup=1, repeats=repeats)
 
 
 def projection_bench(cfg, rows: int, layers: int, seed: int = 0) -> dict:

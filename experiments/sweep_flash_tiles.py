@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_flash_attention import attention_flops, timed  # same timing and FLOPs as the bench
+from bench_flash_attention import attention_flops  # same FLOPs as the bench
+from timing import timed  # the benchmarks' one timing helper
 
 from pallas_kernels.flash_attention import pallas_triton
 
@@ -77,7 +77,7 @@ def sweep_shape(
     ref_grads = ref_fwd_bwd(q, k, v, dout)
     for name, fn, f in (("fwd", ref_fwd, flops), ("fwd_bwd", ref_fwd_bwd, 3.5 * flops)):
         a = (q, k, v) if name == "fwd" else (q, k, v, dout)
-        med = statistics.median(timed(lambda fn=fn, a=a: fn(*a), warmup=2, iters=args.iters))
+        med = timed(fn, *a, warmup=2, repeats=args.iters)
         row[f"{impl}_{name}_ms"] = med * 1e3
         print(f"  {impl} {name}: {med * 1e3:.3f} ms ({f / med / 1e12:.0f} TF/s)", flush=True)
 
@@ -93,7 +93,7 @@ def sweep_shape(
             entry["rel_err"] = rel_err(out, ref_out)
             if not entry["rel_err"] < 2e-2:
                 raise ValueError(f"wrong output: rel err {entry['rel_err']:.3g}")
-            med = statistics.median(timed(lambda fn=fn: fn(q, k, v), warmup=2, iters=args.iters))
+            med = timed(fn, q, k, v, warmup=2, repeats=args.iters)
             entry.update(median_ms=med * 1e3, tflops=flops / med / 1e12)
             entry["vs_cudnn"] = row[f"{impl}_fwd_ms"] / entry["median_ms"]
             print(f"  fwd {cfg}: {med * 1e3:.3f} ms  x{entry['vs_cudnn']:.2f}", flush=True)
@@ -118,9 +118,7 @@ def sweep_shape(
             entry["rel_err"] = max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True))
             if not entry["rel_err"] < 2e-2:
                 raise ValueError(f"wrong gradients: rel err {entry['rel_err']:.3g}")
-            med = statistics.median(
-                timed(lambda fn=fn: fn(q, k, v, out, lse, dout), warmup=2, iters=args.iters)
-            )
+            med = timed(fn, q, k, v, out, lse, dout, warmup=2, repeats=args.iters)
             entry.update(median_ms=med * 1e3, tflops=2.5 * flops / med / 1e12)
             print(f"  bwd {cfg}: {med * 1e3:.3f} ms", flush=True)
         except Exception as e:

@@ -8,6 +8,21 @@ type (int, float, bool, str, Optional/Union, Literal, tuple/list, dict, Enum). M
 
     unknown config key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': batch_size, lr
     bad value for 'train.lr': 'fast' (expected float)
+
+Variants of one job live in one base file plus short override files. A top-level `defaults:`
+key names a file (a path relative to the including file) or a list of them; they are loaded
+first (recursively, each with its own `defaults:`), in list order, then the file's own keys are
+deep-merged over them, then the command-line overrides apply. Deep merge: mappings merge key by
+key, anything else (scalars, lists, null) replaces. Example:
+
+    # configs/rl_nvila_qwen2.5-3b.yaml
+    defaults: rl_nvila_base.yaml
+    name: rl_nvila_qwen2.5-3b
+    sft:
+      model:
+        name: nvila-qwen2.5-3b
+
+A missing included file or an include cycle is a ConfigError naming the files.
 """
 
 from __future__ import annotations
@@ -219,26 +234,71 @@ def _set_override(cls: type, data: dict, item: str) -> None:
     data[last] = _Raw(text.strip())
 
 
+def _read_yaml(path: str) -> dict:
+    """The mapping held by the YAML file at `path` ({} for an empty file)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad YAML in {path!r}: {e}".replace("\n", " ")) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {data!r}")
+    return data
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    """`base` with `over` merged in: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_file(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """The raw mapping of the YAML file at `path` with its `defaults:` includes resolved.
+
+    chain: the files that (transitively) include `path`, outermost first, for cycle errors.
+    """
+    data = _read_yaml(path)
+    includes = data.pop("defaults", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(
+            f"bad 'defaults' in {path!r}: {includes!r} (expected a path or a list of paths)"
+        )
+    here = os.path.realpath(path)
+    merged: dict = {}
+    for rel in includes:
+        inc = os.path.join(os.path.dirname(path), rel)
+        if os.path.realpath(inc) in (*chain, here):
+            cycle = " -> ".join([*chain, here, os.path.realpath(inc)])
+            raise ConfigError(f"config include cycle in {path!r}: {cycle}")
+        if not os.path.isfile(inc):
+            raise ConfigError(f"config file {path!r} includes missing file {inc!r}")
+        merged = _deep_merge(merged, _load_file(inc, (*chain, here)))
+    return _deep_merge(merged, data)
+
+
 def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
 ) -> T:
     """Build config dataclass `cls` from the YAML file at `path` (optional) plus overrides.
 
-    overrides: strings "dotted.key=value"; applied in order after the file, later wins.
-    Raises ConfigError (a ValueError) for unknown keys, bad values and unreadable files.
+    The file's `defaults:` includes (see the module docstring) are merged first, then its own
+    keys. overrides: strings "dotted.key=value"; applied in order after the file, later wins.
+    Raises ConfigError (a ValueError) for unknown keys, bad values, unreadable files, missing
+    includes and include cycles.
     """
-    data: Any = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"bad YAML in {os.fspath(path)!r}: {e}".replace("\n", " ")) from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {os.fspath(path)!r} must hold a mapping, got {data!r}")
+    data: Any = {} if path is None else _load_file(os.fspath(path))
     for item in overrides:
         _set_override(cls, data, item)
     return _build(cls, data, "")

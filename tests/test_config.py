@@ -174,3 +174,101 @@ def test_real_model_config():
     assert cfg.num_layers == 4 and cfg.rope_scaling == {"factor": 8.0}
     with pytest.raises(ConfigError, match="invalid 'LLMConfig': unknown architecture"):
         load_config(LLMConfig, None, ["architecture=gpt2"])
+
+
+def test_defaults_include_order_and_overrides(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("name: base\nseed: 1\ntags: [a, b]\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "sub" / "more.yaml").write_text("seed: 2\ntrain:\n  steps: 7\n")
+    (tmp_path / "job.yaml").write_text(
+        "defaults: [base.yaml, sub/more.yaml]\nname: job\ntags: [c]\ntrain:\n  batch_size: 3\n"
+    )
+    cfg = load_config(RunCfg, str(tmp_path / "job.yaml"), ["train.lr=0.5"])
+    # later includes win over earlier ones, the file over its includes, overrides over all
+    assert (cfg.name, cfg.seed, cfg.tags) == ("job", 2, ["c"])  # lists replace, never append
+    assert cfg.train == TrainCfg(lr=0.5, steps=7, batch_size=3)
+    assert load_config(RunCfg, str(tmp_path / "job.yaml")).train.lr == 0.1
+
+
+def test_defaults_nested_merge(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  preset: big\n  rope_scaling: {factor: 8.0}\n")
+    (tmp_path / "b.yaml").write_text(
+        "defaults: a.yaml\nmodel:\n  dtype: bfloat16\nlora:\n  rank: 4\n"
+    )
+    (tmp_path / "c.yaml").write_text(
+        "defaults: b.yaml\nmodel:\n  rope_scaling: {type: llama3}\nlora: null\n"
+    )
+    cfg = load_config(RunCfg, str(tmp_path / "b.yaml"))
+    assert cfg.model == ModelCfg(preset="big", dtype="bfloat16", rope_scaling={"factor": 8.0})
+    assert cfg.lora == LoraCfg(rank=4)
+    cfg = load_config(RunCfg, str(tmp_path / "c.yaml"))  # two levels; mappings merge key by key
+    assert cfg.model.preset == "big" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.rope_scaling == {"factor": 8.0, "type": "llama3"}
+    assert cfg.lora is None  # null replaces a whole section
+
+
+def test_defaults_missing_include(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [nope.yaml]\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml' includes missing file '.*nope\.yaml'") as e:
+        load_config(RunCfg, str(tmp_path / "a.yaml"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "b.yaml").write_text("defaults: {x: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad 'defaults' in '.*b\.yaml'"):
+        load_config(RunCfg, str(tmp_path / "b.yaml"))
+
+
+def test_defaults_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("defaults: [c.yaml]\n")
+    (tmp_path / "c.yaml").write_text("defaults: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"include cycle in '.*c\.yaml'.*a\.yaml -> .*b\.yaml"):
+        load_config(RunCfg, str(tmp_path / "a.yaml"))
+    (tmp_path / "d.yaml").write_text("defaults: ./d.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(RunCfg, str(tmp_path / "d.yaml"))
+
+
+def test_every_config_file_parses_with_its_job_class():
+    """Each configs/*.yaml builds its job's config; include-only bases through their includers."""
+    import glob
+    import os
+
+    import yaml
+
+    from jaxstack.rl.trainer import RLJobConfig
+    from jaxstack.train.dllm_trainer import DLLMTrainConfig
+    from jaxstack.train.trainer import TrainJobConfig
+    from jaxstack.train.vlm_sft import VLMSFTConfig
+
+    classes = {
+        "rl_": RLJobConfig,
+        "vlm_sft": VLMSFTConfig,
+        "dllm_": DLLMTrainConfig,
+        "train_": TrainJobConfig,
+    }
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    raw = {os.path.basename(p): yaml.safe_load(open(p)) or {} for p in paths}
+    included = set()
+    for data in raw.values():
+        inc = data.get("defaults", [])
+        included.update(os.path.basename(i) for i in ([inc] if isinstance(inc, str) else inc))
+    assert included <= set(raw), f"includes of missing files: {included - set(raw)}"
+    parsed = 0
+    for name in raw:
+        if name in included:
+            continue  # a base: parsed below through the files that include it
+        cls = [c for prefix, c in classes.items() if name.startswith(prefix)]
+        assert len(cls) == 1, f"configs/{name}: no job class for its name prefix"
+        cfg = load_config(cls[0], os.path.join(root, name), [])
+        assert cfg.name == name.removesuffix(".yaml"), name
+        parsed += 1
+    assert parsed >= 8
+    tiny = load_config(RLJobConfig, os.path.join(root, "rl_tiny.yaml"), [])
+    assert tiny == RLJobConfig()  # the file spells out the embedded default of `jaxstack rl`
+    sizes = [
+        load_config(RLJobConfig, os.path.join(root, f"rl_nvila_qwen2.5-{s}.yaml"))
+        for s in ("1.5b", "7b")
+    ]
+    assert sizes[0].sft.model.name == "nvila-qwen2.5-1.5b" and sizes[1].sft.model.name == "nvila-8b"
+    assert sizes[0].sft.data.num_frames == sizes[1].sft.data.num_frames == 256  # from the base

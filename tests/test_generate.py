@@ -30,6 +30,7 @@ from jaxstack.generate import (
     token_logprobs,
 )
 from jaxstack.models.llm import LLM, LLMConfig, init_llm
+from jaxstack.parallel.mesh import make_mesh, shard_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -345,6 +346,22 @@ def test_same_shapes_do_not_recompile(qwen2, qwen2_greedy):
     assert dict(TRACE_COUNTS) == before and out.compile_seconds == 0.0
     assert out.prompt_length == 64 and out.prefill_seconds > 0 and out.decode_seconds > 0
     assert pad_prompts(_prompts(9, lengths=(65, 3)))[0].shape == (2, 128)  # next bucket
+
+
+def test_compile_cache_keys_on_jax_mesh_context(qwen2, qwen2_greedy):
+    """Programs compiled under `jax.set_mesh` are cached apart from the unsharded ones: a
+    tensor=2 copy of the model under the mesh compiles its own prefill and decode (the
+    activation constraints act) and gives the same greedy tokens; no mesh again: no trace."""
+    mesh = make_mesh("tensor=2", jax.devices()[:2])
+    sharded = shard_model(nnx.clone(qwen2[1]), mesh)  # a copy: the fixture stays on device 0
+    before = dict(TRACE_COUNTS)
+    with jax.set_mesh(mesh):
+        out = generate(sharded, _prompts(0), max_new_tokens=MAX_NEW)
+    assert TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    assert TRACE_COUNTS["decode"] == before["decode"] + 1
+    assert out.tokens == qwen2_greedy.tokens
+    generate(qwen2[1], _prompts(0), max_new_tokens=MAX_NEW)
+    assert TRACE_COUNTS["prefill"] == before["prefill"] + 1
 
 
 def test_inputs_embeds_and_empty_rows(qwen2, qwen2_greedy):

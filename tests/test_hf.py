@@ -29,7 +29,8 @@ from transformers import (
 
 import jaxstack.hf as hf
 from jaxstack.hf import CheckpointError
-from jaxstack.hf.llm import _params, hf_key_for, param_path_for
+from jaxstack.hf.llm import hf_key_for, param_path_for
+from jaxstack.hf.params_io import named_params
 from jaxstack.models.llm import LLMConfig, init_llm
 from jaxstack.parallel import make_mesh, use_mesh
 
@@ -118,7 +119,7 @@ def test_load_matches_transformers(ckpt, arch):
     assert cfg.attention_bias == (arch == "qwen2") and cfg.qk_norm == (arch == "qwen3")
     if arch == "llama":
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == LLAMA3_ROPE
-    for path, _ in _params(nnx.state(model)):  # the key table maps both ways
+    for path, _ in named_params(nnx.state(model)):  # the key table maps both ways
         assert param_path_for(hf_key_for(path)[0]) == path
     assert _rel_err(_logits(model), ref) <= REL_TOL
 

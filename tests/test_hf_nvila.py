@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxstack.hf import load_nvila, save_nvila
 from jaxstack.hf.errors import CheckpointError
+from jaxstack.hf.nvila_projector import projector_from_state_dict
 from jaxstack.models import vlm
 
 internvl = pytest.importorskip("transformers.models.internvl.modeling_internvl")
@@ -225,8 +226,15 @@ def test_save_load_round_trip(tmp_path):
     model = _random_nvila(cfg, seed=1)
     save_nvila(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "llm", "mm_projector", "vision_tower"]
-    keys = set(safetensors.numpy.load_file(str(tmp_path / "mm_projector/model.safetensors")))
-    assert keys == {f"layers.{i}.{p}" for i in (1, 2, 4) for p in ("weight", "bias")}
+    projector_sd = safetensors.numpy.load_file(str(tmp_path / "mm_projector/model.safetensors"))
+    assert set(projector_sd) == {f"layers.{i}.{p}" for i in (1, 2, 4) for p in ("weight", "bias")}
+    # the state-dict converter reads the same key table as load_nvila
+    prefixed = {f"mm_projector.{k}": v for k, v in projector_sd.items()}
+    projector = projector_from_state_dict(prefixed, "vila_2x2", prefix="mm_projector.")
+    a, b = _state(model.projector), _state(projector)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
     loaded = load_nvila(tmp_path)
     assert loaded.cfg == cfg

@@ -17,14 +17,14 @@ import pytest
 from flax import nnx
 
 from jaxstack.models import vlm
-from jaxstack.models.dllm import (
-    DEFAULT_EPS,
-    DLLMConfig,
-    draw_diffusion_noise,
-    init_dllm,
-    make_diffusion_loss,
-)
+from jaxstack.models.dllm import DLLMConfig, init_dllm
 from jaxstack.models.llm import LLMConfig, init_llm
+from jaxstack.train.losses import (
+    DEFAULT_EPS,
+    draw_diffusion_noise,
+    make_diffusion_loss,
+    vlm_loss_sums,
+)
 from jaxstack.train.step import (
     OptimConfig,
     chunked_token_nll,
@@ -34,7 +34,6 @@ from jaxstack.train.step import (
     make_train_step,
     token_cross_entropy,
 )
-from jaxstack.train.vlm_sft import vlm_loss_sums
 
 RTOL, ATOL = 1e-5, 1e-5
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxstack.data import s2_tiling as s2
+from jaxstack.hf.nvila_projector import projector_from_state_dict
 from jaxstack.models import nvila_connector as nc
 
 torch = pytest.importorskip("torch")
@@ -84,7 +85,7 @@ def _tiny_internvl_projector(vision_dim: int, llm_dim: int):
 def test_projector2x2_matches_internvl():
     c, d = 8, 32
     proj = _tiny_internvl_projector(c, d)
-    model = nc.projector_from_internvl(proj.state_dict())
+    model = projector_from_state_dict(proj.state_dict(), "internvl")
     x = np.random.default_rng(2).standard_normal((2, 6, 6, c)).astype(np.float32)
     with torch.no_grad():
         shuffled = internvl.InternVLModel.pixel_shuffle(None, torch.from_numpy(x), 0.5)
@@ -115,7 +116,8 @@ def test_projector3x3_against_torch_sequential():
         tnn.GELU(),
         tnn.Linear(d, d),
     ).eval()
-    model = nc.projector3x3_from_vila({f"layers.{k}": v for k, v in seq.state_dict().items()})
+    sd = {f"layers.{k}": v for k, v in seq.state_dict().items()}
+    model = projector_from_state_dict(sd, "vila_3x3")
     x = np.random.default_rng(3).standard_normal((2, 7, 5, c)).astype(np.float32)
     flat = _np_flat_square(x, 3)  # [2, 3, 2, 9c]
     with torch.no_grad():

@@ -174,30 +174,6 @@ def test_run_rl_multi_update_kl_and_drgrpo(setup) -> None:
         dataclasses.replace(algo, advantage="ppo")
 
 
-def test_configs_parse_and_rl_tiny_is_the_default() -> None:
-    import glob
-
-    from jaxstack.config import load_config
-    from jaxstack.train.dllm_trainer import DLLMTrainConfig
-    from jaxstack.train.trainer import TrainJobConfig
-
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    for path in sorted(glob.glob(os.path.join(root, "*.yaml"))):
-        name = os.path.basename(path)
-        cls = (
-            trainer.RLJobConfig
-            if name.startswith("rl_")
-            else VLMSFTConfig
-            if name.startswith("vlm_sft")
-            else DLLMTrainConfig
-            if name.startswith("dllm_")
-            else TrainJobConfig
-        )
-        load_config(cls, path, [])
-    tiny = load_config(trainer.RLJobConfig, os.path.join(root, "rl_tiny.yaml"), [])
-    assert tiny == trainer.RLJobConfig()
-
-
 def test_update_moves_logprobs_along_the_advantage(setup) -> None:
     """One update raises the log-prob of responses with positive advantage, lowers negative."""
     from jaxstack.train import step as step_lib
@@ -297,3 +273,66 @@ def test_job_step_moves_policy_toward_rewarded_responses(setup) -> None:
     assert pos.any() and neg.any()
     assert delta[pos].min() > 0 and delta[neg].max() < 0, (delta, want)
     assert float(np.sum(want * delta)) > 0
+
+
+def test_rl_update_sharded_on_fsdp_tensor_equals_single_device(setup) -> None:
+    """The RL update runs through the shared sharded step: on fsdp=2,tensor=2 its params and
+    Adam moments carry the rules' shardings (embed -> fsdp, heads/kv_heads/mlp/vocab -> tensor,
+    when the dimension divides), and one update equals the single-device update."""
+    from jaxstack.parallel.mesh import make_mesh
+
+    rule = {"vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor"}
+    rule |= {"mlp": "tensor", "norm": None}
+    from jaxstack.rl.rewards import register_reward
+
+    register_reward("planted_first_byte_even", override=True)(_first_byte_even)
+    cfg = _rl_cfg(
+        setup,
+        str(setup["root"] / "sharded"),
+        reward={"planted_first_byte_even": 1.0},
+        prompts_per_step=2,
+        rollout=trainer.RolloutSection(num_samples=4, max_new_tokens=6, temperature=1.0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0, min_lr_ratio=1.0),
+    ).resolved()
+    mesh = make_mesh("fsdp=2,tensor=2", devices=jax.devices()[:4])
+    one, many = trainer.build_rl(cfg, setup["init"]), trainer.build_rl(cfg, setup["init"], mesh)
+    sizes = dict(mesh.shape)
+
+    def expected(var) -> tuple:
+        out = []
+        for name, dim in zip(var.get_metadata()["logical_axes"], var.get_value().shape):
+            axis = rule.get(name)
+            out.append(axis if axis and dim % sizes[axis] == 0 else None)
+        return tuple(out)
+
+    flat_vars = nnx.to_flat_state(nnx.state(many.model.llm, nnx.Param))
+    wanted = {tuple(map(str, k)): expected(v) for k, v in flat_vars}
+    got = {k: v.sharding.spec for k, v in _flat(many.state.params).items()}
+    mu = {k: v.sharding.spec for k, v in _flat(many.state.opt_state[1][0].mu).items()}
+    assert set(got) == set(wanted) == set(mu)
+    for k in wanted:
+        spec = tuple(got[k]) + (None,) * (len(wanted[k]) - len(got[k]))
+        assert spec == wanted[k] and tuple(mu[k]) == tuple(got[k]), (k, got[k], wanted[k])
+    used = {a for spec in wanted.values() for a in spec if a}
+    assert used == {"fsdp", "tensor"}
+
+    batch, _ = trainer.rl_batch(one, one.state.params, 0)
+    assert np.abs(np.asarray(batch["advantages"])).sum() > 0
+    s1, m1 = one.update(jax.tree.map(jnp.copy, one.state), batch, one.ref_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    s2, m2 = many.update(many.state, jax.device_put(batch, replicated), many.ref_params)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5, atol=1e-7)
+    for k, a in _flat(s1.params).items():
+        # Adam moves each weight by ~lr = 1e-3; float32 reduction order differs by ~1e-6.
+        np.testing.assert_allclose(np.asarray(_flat(s2.params)[k]), np.asarray(a), atol=1e-5)
+        assert _flat(s2.params)[k].sharding.spec == got[k]  # the update keeps the shardings
+    # The job's whole step on the mesh (rollout, rewards, sharded update) runs as well.
+    s3, row, _ = trainer.rl_step(many, s2, 1)
+    assert np.isfinite(row["loss"]) and int(s3.step) == 2
+
+
+def _flat(tree) -> dict:
+    return {
+        tuple(str(getattr(p, "key", p)) for p in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

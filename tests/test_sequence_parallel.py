@@ -25,7 +25,7 @@ from flax import nnx
 from localhost_workers import start_workers, wait_workers
 
 from jaxstack.models.llm import LLM, LLMConfig
-from jaxstack.parallel.mesh import make_mesh, shard_model, use_mesh
+from jaxstack.parallel.mesh import make_mesh, shard_model
 from jaxstack.parallel.sequence import (
     _group_zigzag_order,
     _resolve_ring,
@@ -409,12 +409,12 @@ def _loss_and_grads(mesh):
     batch = place_batch(mesh, _llm_batch())
 
     def loss(params, batch):
-        with use_mesh(mesh):
-            return lm_loss_sums(nnx.merge(graphdef, params, rest), batch)[0]
+        return lm_loss_sums(nnx.merge(graphdef, params, rest), batch)[0]
 
     grad_fn = jax.value_and_grad(loss)
-    text = str(jax.make_jaxpr(grad_fn)(params, batch))
-    value, grads = jax.jit(grad_fn)(params, batch)
+    with jax.set_mesh(mesh):  # JAX's own mesh context, outside jit: the model reads it
+        text = str(jax.make_jaxpr(grad_fn)(params, batch))
+        value, grads = jax.jit(grad_fn)(params, batch)
     return float(value), jax.device_get(nnx.to_pure_dict(grads)), text
 
 
@@ -482,6 +482,73 @@ def test_llm_train_step_sequence_4_matches_unsharded():
         np.max(np.abs(x)) for x in jax.tree.leaves(update)
     )
     assert err <= TOL, f"params after one step differ by {err:.1e} of the update size"
+
+
+def _hidden(mesh, **kwargs):
+    """(hidden states [B, T, D] as numpy, jaxpr text) of the tiny LLM under `mesh` (jax.set_mesh)."""
+    model = _llm(mesh)
+    ids = _llm_batch()["input_ids"]
+    fwd = lambda m, ids, kw: m.hidden_states(ids, **kw)  # noqa: E731
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(fwd)(model, ids, kwargs))
+        out = jax.jit(fwd)(model, ids, kwargs)
+    return np.asarray(out), text
+
+
+def test_sequence_parallel_choice_does_not_depend_on_the_mask():
+    """A padding mask does not turn sequence parallelism off: with mesh sequence=4 the LLM
+    runs the shard_map attention (padding becomes a segment of its own) and matches the
+    unsharded dense-masked forward on the real tokens; `use_sequence_parallel(enabled=False)`
+    is what turns it off. mask_ar (a dense pattern) is refused rather than silently dense."""
+    b, t = _llm_batch()["input_ids"].shape
+    input_mask = np.ones((b, t), bool)
+    input_mask[0, :5] = False  # left padding
+    input_mask[2, 11:] = False  # right padding
+    seg = _llm_batch()["segment_ids"]
+    mesh = _mesh("sequence=4")
+    for kw in ({"input_mask": input_mask}, {"input_mask": input_mask, "segment_ids": seg}):
+        ref, ref_text = _hidden(None, **kw)
+        assert "all_to_all" not in ref_text
+        out, text = _hidden(mesh, **kw)
+        assert "all_to_all" in text, f"{list(kw)}: the mask turned sequence parallelism off"
+        err = _rel(out[input_mask], ref[input_mask])
+        assert err <= TOL, f"{list(kw)}: hidden states relative error {err:.1e}"
+        with use_sequence_parallel(enabled=False):
+            dense, text = _hidden(mesh, **kw)
+        assert "all_to_all" not in text and "ppermute" not in text
+        assert _rel(dense[input_mask], ref[input_mask]) <= TOL
+    with pytest.raises(ValueError, match="mask_ar is not supported"):
+        _hidden(mesh, mask_ar=np.ones((b, t), np.int32))
+    with pytest.raises(ValueError, match="not divisible by the mesh's sequence axis"):
+        with jax.set_mesh(mesh):
+            _llm(mesh).hidden_states(_llm_batch()["input_ids"][:, :10])
+
+
+def test_jit_retraces_when_the_mesh_or_the_sequence_parallel_options_change():
+    """The mesh context and the sequence-parallel options are part of jit's cache key: one
+    jitted forward traced without a mesh, under mesh sequence=4 (ring, then Ulysses) and
+    without again runs the right program each time (no stale cache entry)."""
+    traces = []
+
+    @jax.jit
+    def fwd(model, ids):
+        traces.append(1)
+        return model.hidden_states(ids)
+
+    mesh = _mesh("sequence=4")
+    model, ids = _llm(mesh), jnp.asarray(_llm_batch()["input_ids"])
+    ref = np.asarray(fwd(_llm(), ids))
+    outs = {}
+    for mode, collective in (("ring", "ppermute"), ("ulysses", "all_to_all")):
+        with jax.set_mesh(mesh), use_sequence_parallel(mode):
+            outs[mode] = np.asarray(fwd(model, ids))
+            text = str(fwd.trace(model, ids).jaxpr)
+        assert collective in text, f"{mode}: a stale program without {collective}"
+    assert len(traces) == 3  # one trace per setting (`trace` reuses the call's)
+    np.asarray(fwd(_llm(), ids))  # no mesh again: the first cache entry, no new trace
+    assert len(traces) == 3
+    for mode, out in outs.items():
+        assert _rel(out, ref) <= TOL, mode
 
 
 # -- 2 processes (jax.distributed, gloo) -------------------------------------------------------

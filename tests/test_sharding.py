@@ -8,7 +8,9 @@ model, the error relative to the size of the update (see `_optimizer`: the updat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,17 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxstack.models.llm import LLM, LLMConfig
-from jaxstack.parallel.mesh import make_mesh, shard_model, use_mesh
+from jaxstack.parallel.mesh import (
+    IndivisibleShardingWarning,
+    constrain,
+    context_mesh,
+    make_mesh,
+    shard_model,
+    spec_for,
+    state_shardings,
+    use_mesh,
+)
+from jaxstack.parallel.sequence import shard_map
 from jaxstack.train.step import (
     OptimConfig,
     _decay_mask,
@@ -130,8 +142,10 @@ def test_sharded_forward_matches_single_device(spec):
     mesh = make_mesh(spec)
     model = _model(mesh)
     placed = place_batch(mesh, batch)
-    with use_mesh(mesh):
+    with jax.set_mesh(mesh):  # JAX's own mesh context makes the activation constraints act
         out = fwd(model, placed["input_ids"], placed["segment_ids"])
+        jaxpr = str(jax.make_jaxpr(fwd)(model, placed["input_ids"], placed["segment_ids"]))
+    assert jaxpr.count("sharding_constraint") >= 2 * CFG.num_layers
     assert len(out.sharding.device_set) == 8
     err = np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref))
     assert err <= TOL, f"{spec}: logits relative error {err:.2e} > {TOL}"
@@ -190,3 +204,91 @@ def test_grad_accumulation_matches_full_batch():
     assert m2["tokens"] == m1["tokens"]
     err = _update_error(s2.params, jax.device_get(s1.params), before)
     assert err <= TOL, f"grad_accum=2 params differ by {err:.2e} of the update size"
+
+
+# -- JAX's mesh context and `constrain` -----------------------------------------------------------
+
+
+def _has_constraint(fn, *args) -> bool:
+    return "sharding_constraint" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_constrain_reads_jax_mesh_context():
+    """`constrain` acts under `jax.set_mesh` (no jaxstack context needed), is part of jit's
+    cache key, and is a no-op without a mesh, on a 1-device mesh and inside shard_map."""
+    mesh = make_mesh("data=8")
+    x = jnp.arange(8 * 4 * 2, dtype=jnp.float32).reshape(8, 4, 2)
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(1)
+        return constrain(x * 2, ("batch", "seq", "act_embed"))
+
+    assert not _has_constraint(f, x)
+    assert len(f(x).sharding.device_set) == 1
+    with jax.set_mesh(mesh):
+        assert context_mesh() is mesh
+        out = f(x)  # traced again: the mesh context is in jit's key
+        assert out.sharding.spec == P("data") or out.sharding.spec == P("data", None, None)
+        assert len(out.sharding.device_set) == 8
+        eager = constrain(x, ("batch", "seq", "act_embed"))  # outside jit: the concrete mesh
+        assert len(eager.sharding.device_set) == 8
+        odd = jax.jit(lambda y: constrain(y, ("batch", "seq", "act_embed")))(x[:3])
+        assert odd.sharding.is_fully_replicated  # an activation dim 8 does not divide
+
+        def body(xl):  # per-device code: every axis manual, no constraint
+            assert context_mesh().axis_types == (jax.sharding.AxisType.Manual,) * 4
+            return constrain(xl, ("batch", "seq", "act_embed"))
+
+        sm = shard_map(body, None, in_specs=P("data"), out_specs=P("data"))
+        assert not _has_constraint(sm, x)
+        np.testing.assert_array_equal(jax.jit(sm)(x), x)
+    assert len(traces) == 2
+    np.testing.assert_array_equal(f(x), 2 * x)  # no mesh again: the first entry
+    assert len(traces) == 2 and context_mesh() is None
+    with jax.set_mesh(make_mesh("data=1", jax.devices()[:1])):
+        assert not _has_constraint(f, x)
+
+
+def test_use_mesh_is_jax_mesh_context():
+    """`use_mesh(mesh)` is `jax.set_mesh(mesh)`: what one sets, the other sees."""
+    mesh = make_mesh("fsdp=4,tensor=2")
+    with use_mesh(mesh):
+        assert jax.sharding.get_abstract_mesh() == mesh.abstract_mesh
+        assert jax.sharding.get_mesh() is mesh and context_mesh() is mesh
+        with use_mesh(None):
+            assert jax.sharding.get_abstract_mesh().empty and context_mesh() is None
+    assert jax.sharding.get_abstract_mesh().empty
+
+    def traced(x):  # inside a trace, use_mesh sets the abstract mesh that constrain reads
+        with use_mesh(mesh):
+            assert context_mesh() == mesh.abstract_mesh
+            return constrain(x, ("batch", "act_embed"))
+
+    x = jax.device_put(jnp.ones((8, 16)), jax.sharding.NamedSharding(mesh, P()))
+    assert _has_constraint(traced, x)
+
+
+def test_spec_for_warns_once_and_replicates_a_dimension_the_mesh_does_not_divide():
+    mesh = make_mesh("fsdp=4,tensor=2")
+    assert spec_for(("embed", "heads"), (64, 32), mesh) == P("fsdp", "tensor")
+    with pytest.warns(IndivisibleShardingWarning, match=r"'q_proj.kernel'.*33.*'heads'.*tensor=2"):
+        spec = spec_for(("embed", "heads"), (64, 33), mesh, name="q_proj.kernel")
+    assert spec == P("fsdp", None)
+    with warnings.catch_warnings():  # once per (name, axes, shape, mesh axes): no repeat
+        warnings.simplefilter("error")
+        assert spec_for(("embed", "heads"), (64, 33), mesh, name="q_proj.kernel") == spec
+    with pytest.warns(IndivisibleShardingWarning, match=r"dimension 6 \(logical axis 'batch'\)"):
+        assert spec_for(("batch", None), (6, 3), mesh) == P(None, None)
+    # a whole model: the warning names the parameter path; the rest is sharded as usual
+    cfg = dataclasses.replace(CFG, vocab_size=511)
+    abstract = nnx.state(nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0))))
+    with pytest.warns(IndivisibleShardingWarning) as record:
+        shardings = state_shardings(abstract, mesh)
+    assert [str(w.message).split(" of shape")[0] for w in record] == [
+        "parameter 'embed_tokens.embedding'"
+    ]
+    assert "511" in str(record[0].message) and "'vocab'" in str(record[0].message)
+    assert shardings["embed_tokens"]["embedding"].spec == P(None, "fsdp")
+    assert shardings["layers"][0]["self_attn"]["q_proj"]["kernel"].spec == P("fsdp", "tensor")

@@ -20,7 +20,7 @@ from transformers import SiglipModel, SiglipTextConfig, SiglipVisionConfig, Sigl
 
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.siglip import load_siglip
-from jaxstack.models.siglip import PRESETS, SiglipVisionTower, siglip_config
+from jaxstack.models.siglip import PRESETS, SiglipConfig, SiglipVisionTower
 from jaxstack.parallel.mesh import make_mesh, use_mesh
 
 TOL = 1e-5
@@ -163,7 +163,7 @@ def test_mismatched_checkpoint_errors(tiny_ckpt, tmp_path):
 
 
 def test_presets_and_input_checks():
-    so400m = siglip_config("so400m-patch14-448")
+    so400m = SiglipConfig.preset("so400m-patch14-448")
     assert (so400m.hidden_size, so400m.num_layers, so400m.num_heads, so400m.mlp_dim) == (
         1152,
         27,
@@ -172,13 +172,16 @@ def test_presets_and_input_checks():
     )
     assert so400m.num_patches == 1024
     assert set(PRESETS) >= {"so400m-patch14-448", "tiny"}
+    assert SiglipConfig.preset("TINY", num_layers=1).num_layers == 1
+    with pytest.raises(ValueError, match=r"unknown preset 'nope' for SiglipConfig; known: \["):
+        SiglipConfig.preset("nope")
     abstract = nnx.eval_shape(lambda: SiglipVisionTower(so400m, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert 400e6 < n_params < 430e6  # "so400m" without the pooling head
 
-    tower = SiglipVisionTower(siglip_config("tiny"), rngs=nnx.Rngs(0))
+    tower = SiglipVisionTower(SiglipConfig.preset("tiny"), rngs=nnx.Rngs(0))
     assert tower(jnp.ones((1, 28, 28, 3))).shape == (1, 4, 64)
     with pytest.raises(ValueError, match="NHWC"):
         tower(jnp.ones((1, 3, 28, 28)))
     with pytest.raises(ValueError, match="select_layer"):
-        SiglipVisionTower(siglip_config("tiny"), select_layer=4, rngs=nnx.Rngs(0))
+        SiglipVisionTower(SiglipConfig.preset("tiny"), select_layer=4, rngs=nnx.Rngs(0))

@@ -21,7 +21,7 @@ repeats its carry's rows G times after prefilling the B prompts once, so the dec
 B * G rows (b * G + g) sharing each prompt's prefill.
 
 Compiled programs are cached on (program, model graph, parameter shapes/dtypes/shardings,
-input shapes, static settings, mesh). The static settings are N and the cache dtype, plus,
+input shapes, static settings, JAX's context mesh, sequence-parallel options). The static settings are N and the cache dtype, plus,
 for the prefill program only, num_samples and prefill_chunk, and, for the decode program only,
 pad_id, whether greedy and top-p are on, and top_k (static because `lax.top_k` needs it;
 sampling from k candidates is the fast path). The temperature and top_p values and the stop
@@ -45,7 +45,8 @@ from flax import nnx
 
 from jaxstack.generate.sampling import sample_with_logprobs
 from jaxstack.models.llm import KVCache
-from jaxstack.parallel.mesh import current_mesh
+from jaxstack.parallel.mesh import context_mesh
+from jaxstack.parallel.sequence import sequence_parallel_options
 
 Array = jax.Array
 
@@ -371,7 +372,10 @@ def _signature(tree: Any) -> tuple:
 
 
 def _compiled(name: str, fn: Callable, st: _Static, graphdef, args: tuple, donate: tuple[int, ...]):
-    key = (name, graphdef, st, current_mesh(), _signature(args))
+    # the executable depends on JAX's mesh context and the sequence-parallel options, as jit's
+    # own cache does
+    mesh_key = (context_mesh(), sequence_parallel_options())
+    key = (name, graphdef, st, mesh_key, _signature(args))
     donate = donate if jax.default_backend() != "cpu" else ()  # CPU cannot donate buffers
 
     def build():

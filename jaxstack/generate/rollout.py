@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from jaxstack.generate import engine
-from jaxstack.generate.sampling import _safe_temperature
+from jaxstack.generate.sampling import token_logprobs
 from jaxstack.models.llm import positions_from
 
 Array = jax.Array
@@ -164,17 +164,6 @@ def rollout(
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
     g = int(cfg.num_samples)
-    st = engine._static_settings(
-        model,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.top_k,
-        cfg.pad_id,
-        cfg.cache_dtype,
-        g,
-        cfg.prefill_chunk,
-    )
     if input_mask is None:
         prompt = input_ids if input_ids is not None else inputs_embeds
         input_mask = jnp.ones(np.shape(prompt)[:2], bool)
@@ -187,17 +176,21 @@ def rollout(
         input_ids = _left_pad_to(jnp.asarray(input_ids, jnp.int32), t, 0)
     else:
         inputs_embeds = _left_pad_to(jnp.asarray(inputs_embeds), t, 0)
-    out, _ = engine._run(
+    out = engine.generate_tokens(
         model,
         input_ids,
         input_mask,
-        inputs_embeds,
-        rng,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.stop_token_ids,
-        st,
-        timed=False,
+        max_new_tokens=cfg.max_new_tokens,
+        inputs_embeds=inputs_embeds,
+        rng=rng,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        stop_tokens=cfg.stop_token_ids,
+        pad_id=cfg.pad_id,
+        cache_dtype=cfg.cache_dtype,
+        num_samples=g,
+        prefill_chunk=cfg.prefill_chunk,
     )
     b = input_mask.shape[0]
     n = out.tokens.shape[1]
@@ -270,7 +263,5 @@ def sequence_logprobs(
         hidden = model.hidden_states(inputs_embeds=embeds, positions=positions, input_mask=mask)
     # Column T - 1 + j (the last prompt token, then response token j - 1) predicts token j.
     logits = model.logits(hidden[:, t - 1 : t - 1 + n])  # [R, N, V]
-    scaled = logits.astype(jnp.float32) / _safe_temperature(temperature)
-    picked = jnp.take_along_axis(scaled, safe[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(scaled, axis=-1)
+    logp = token_logprobs(logits, safe, temperature=temperature)
     return jnp.where(r_mask, logp, 0.0)

@@ -67,9 +67,10 @@ def log_softmax(logits: Array, *, temperature: Scalar = 1.0) -> Array:
 
 
 def token_logprobs(logits: Array, tokens: Array, *, temperature: Scalar = 1.0) -> Array:
-    """Log-prob float32 [B] of `tokens` int [B] under `log_softmax(logits [B, V], temperature)`."""
+    """Log-prob float32 [...] of `tokens` int [...] under `log_softmax(logits [..., V],
+    temperature)` (e.g. logits [B, V] and tokens [B], or [B, N, V] and [B, N])."""
     scaled = logits.astype(jnp.float32) / _safe_temperature(temperature)
-    picked = jnp.take_along_axis(scaled, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    picked = jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(scaled, axis=-1)
 
 

@@ -1,9 +1,12 @@
-"""Hugging Face checkpoints in and out: transformers Llama / Qwen2 / Qwen3 (safetensors).
+"""Hugging Face checkpoints in and out (safetensors): transformers Llama / Qwen2 / Qwen3,
+the LLaDA / Dream diffusion-LLM layouts and VILA's NVILA layout.
 
 model = jaxstack.hf.load_model("path/to/Qwen2.5-0.5B", dtype=jnp.bfloat16, mesh=mesh)
 jaxstack.hf.save_model(model, "runs/x/hf", dtype=jnp.bfloat16)
+model, dcfg = jaxstack.hf.load_dllm("path/to/LLaDA-8B-Instruct", dtype=jnp.bfloat16)
 """
 
+from jaxstack.hf.dllm import load_dllm, save_dllm
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm import KEY_TABLE, load_model, save_model
 from jaxstack.hf.llm_config import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
@@ -15,8 +18,10 @@ __all__ = [
     "CheckpointError",
     "config_from_hf",
     "config_to_hf",
+    "load_dllm",
     "load_model",
     "load_nvila",
+    "save_dllm",
     "save_model",
     "save_nvila",
 ]

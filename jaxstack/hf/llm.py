@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh
 
-from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm_config import config_from_hf, config_to_hf, read_hf_config
+from jaxstack.hf.params_io import check_shapes, named_params, read_params, to_host
 from jaxstack.hf.safetensors_io import (
     CheckpointReader,
     plan_shards,
@@ -35,7 +35,6 @@ from jaxstack.hf.safetensors_io import (
     write_safetensors,
 )
 from jaxstack.models.llm import LLM, LLMConfig
-from jaxstack.parallel.mesh import variable_sharding
 
 # (HF key, jaxstack parameter path, transpose); "{field}" matches the pattern in _FIELDS.
 KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -91,48 +90,6 @@ def param_path_for(hf_key: str) -> str | None:
     return None
 
 
-def _is_var(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _path_str(key_path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
-def _params(state: nnx.State) -> list[tuple[str, nnx.Variable]]:
-    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]
-    return [(_path_str(kp), var) for kp, var in leaves]
-
-
-def _sharding(var: nnx.Variable, mesh: Mesh | None) -> Sharding:
-    """Where a parameter lives: by its logical axes on `mesh`, else on the first local device."""
-    if mesh is None:
-        return SingleDeviceSharding(jax.local_devices()[0])
-    return variable_sharding(var, mesh)
-
-
-def _check(
-    params: list[tuple[str, nnx.Variable]],
-    reader: CheckpointReader,
-    cfg_file: str,
-    key_for: Callable[[str], tuple[str, bool]],
-) -> dict[str, tuple[str, bool]]:
-    """HF key and transpose flag per parameter path; every key present with the right shape."""
-    plan = {}
-    for path, var in params:
-        key, transpose = key_for(path)
-        shape = tuple(var.get_value().shape)
-        expected = shape[::-1] if transpose else shape
-        found = reader.shape(key)
-        if found != expected:
-            raise CheckpointError(
-                f"tensor {key!r} in {reader.where(key)}: expected shape {expected} "
-                f"(from {cfg_file}), found {found}"
-            )
-        plan[path] = (key, transpose)
-    return plan
-
-
 def _warn_unused(reader: CheckpointReader, used: set[str], tied: bool) -> None:
     unused = sorted(
         k
@@ -144,27 +101,6 @@ def _warn_unused(reader: CheckpointReader, used: set[str], tied: bool) -> None:
             f"{reader.listing}: {len(unused)} tensors not used by the model, e.g. {unused[:3]}",
             stacklevel=3,
         )
-
-
-def _make_array(
-    reader: CheckpointReader,
-    key: str,
-    transpose: bool,
-    shape: tuple[int, ...],
-    dtype: Any,
-    sharding: Sharding,
-) -> jax.Array:
-    """Global array `shape`/`dtype` in `sharding`; each device's block is read from the file."""
-    blocks: dict[tuple, np.ndarray] = {}  # replicas of one block are read once
-
-    def block(index: tuple[slice, ...]) -> np.ndarray:
-        cache_key = tuple((s.start, s.stop, s.step) for s in index)
-        if cache_key not in blocks:
-            data = reader.read(key, index[::-1] if transpose else index)
-            blocks[cache_key] = np.ascontiguousarray(data.T if transpose else data, dtype=dtype)
-        return blocks[cache_key]
-
-    return jax.make_array_from_callback(tuple(shape), sharding, block)
 
 
 def load_model(
@@ -211,26 +147,10 @@ def load_weights(
     )
     graphdef, state = nnx.split(abstract)
     with CheckpointReader(path) as reader:
-        plan = _check(_params(state), reader, cfg_file, key_for)
+        plan = check_shapes(named_params(state), reader, cfg_file, key_for)
         _warn_unused(reader, {k for k, _ in plan.values()}, cfg.tie_word_embeddings)
-
-        def fill(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
-            key, transpose = plan[_path_str(key_path)]
-            value = var.get_value()
-            array = _make_array(
-                reader, key, transpose, value.shape, value.dtype, _sharding(var, mesh)
-            )
-            return var.replace(array)
-
-        state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=_is_var)
+        state = read_params(state, plan, reader, mesh)
     return nnx.merge(graphdef, state)
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-    """Full value of a (possibly sharded, possibly multi-host) array on this host."""
-    if jax.process_count() > 1 and not array.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
 
 
 def _natural(key: str) -> list:
@@ -242,14 +162,14 @@ def _tensors(
 ) -> list[tuple[str, tuple, np.dtype, Callable]]:
     """(HF key, HF shape, dtype, () -> host array) for every tensor of the HF layout."""
     out = []
-    for path, var in _params(nnx.state(model, nnx.Param)):
+    for path, var in named_params(nnx.state(model, nnx.Param)):
         key, transpose = key_for(path)
         array = var.get_value()
         np_dtype = np.dtype(array.dtype if dtype is None else dtype)
         shape = tuple(array.shape[::-1] if transpose else array.shape)
 
         def get(a=array, t=transpose, d=np_dtype) -> np.ndarray:
-            host = _to_host(a)
+            host = to_host(a)
             return (host.T if t else host).astype(d)
 
         out.append((key, shape, np_dtype, get))

@@ -14,8 +14,9 @@ three transformers-style sub-directories, each with its own config.json + safete
 Projector keys (VILA `base_projector.py`, `mlp_downsample_2x2_fix` is
 nn.Sequential(DownSample2x2BlockFix, LayerNorm(4C), Linear(4C, D), GELU, Linear(D, D)), so the
 weightless downsample block is index 0 and GELU index 3): `layers.1.{weight,bias}` (LayerNorm),
-`layers.2.{weight,bias}` (Linear 4C -> D, [D, 4C]), `layers.4.{weight,bias}` (Linear D -> D).
-Only the 2x2 projector is supported.
+`layers.2.{weight,bias}` (Linear 4C -> D, [D, 4C]), `layers.4.{weight,bias}` (Linear D -> D);
+the table is `jaxstack.hf.nvila_projector.PROJECTOR_KEYS["vila_2x2"]`, shared with the
+state-dict converter `projector_from_state_dict`. Only the 2x2 projector is supported here.
 
 Dynamic-S2 checkpoints (NVILA-8B/15B: `dynamic_s2` true, `s2_scales` "448,896,1344") feed the
 projector the channel concatenation of k = len(s2_scales) scales (mm_hidden_size k * C, LN over
@@ -57,18 +58,18 @@ from flax import nnx
 
 from jaxstack.hf import siglip as hf_siglip
 from jaxstack.hf.errors import CheckpointError
-from jaxstack.hf.llm import (
-    _check,
-    _is_var,
-    _make_array,
-    _params,
-    _path_str,
-    _sharding,
-    _to_host,
-    load_weights,
-    save_model,
-)
+from jaxstack.hf.llm import load_weights, save_model
 from jaxstack.hf.llm_config import config_from_hf, config_to_hf, read_hf_config
+from jaxstack.hf.nvila_projector import projector_key_for
+from jaxstack.hf.params_io import (
+    check_shapes,
+    is_variable,
+    named_params,
+    param_path,
+    param_sharding,
+    read_params,
+    to_host,
+)
 from jaxstack.hf.safetensors_io import (
     SINGLE_FILE,
     CheckpointReader,
@@ -83,21 +84,8 @@ PROJECTOR_TYPE = "mlp_downsample_2x2_fix"
 DEFAULT_MEDIA_TOKEN = "<image>"
 _DEFAULT_IDS = {"media_token_id": 151649, "separator_token_id": 198}
 
-# Projector2x2 parameter path -> (VILA key, transpose?).
-PROJECTOR_KEYS: dict[str, tuple[str, bool]] = {
-    "layer_norm.scale": ("layers.1.weight", False),
-    "layer_norm.bias": ("layers.1.bias", False),
-    "linear_1.kernel": ("layers.2.weight", True),
-    "linear_1.bias": ("layers.2.bias", False),
-    "linear_2.kernel": ("layers.4.weight", True),
-    "linear_2.bias": ("layers.4.bias", False),
-}
-
-
-def _projector_key(param_path: str) -> tuple[str, bool]:
-    if param_path not in PROJECTOR_KEYS:
-        raise KeyError(f"no VILA key for projector parameter {param_path!r}")
-    return PROJECTOR_KEYS[param_path]
+# Projector2x2 parameter path -> (VILA key, transpose?) of `mlp_downsample_2x2_fix`.
+_projector_key = projector_key_for("vila_2x2")
 
 
 def _subdirs(path: str) -> dict[str, str]:
@@ -295,18 +283,18 @@ def _load_projector(model: NVILA, path: str, mesh: Any, s2_repeat: int = 1) -> N
 
             def put(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
                 value = var.get_value()
-                host = folded[_path_str(key_path)].astype(value.dtype)
+                host = folded[param_path(key_path)].astype(value.dtype)
                 if host.shape != value.shape:
                     raise CheckpointError(
-                        f"{reader.listing}: folded {_path_str(key_path)} has shape "
+                        f"{reader.listing}: folded {param_path(key_path)} has shape "
                         f"{host.shape}, model expects {value.shape}"
                     )
                 array = jax.make_array_from_callback(
-                    value.shape, _sharding(var, mesh), lambda idx, h=host: h[idx]
+                    value.shape, param_sharding(var, mesh), lambda idx, h=host: h[idx]
                 )
                 return var.replace(array)
 
-            state = jax.tree_util.tree_map_with_path(put, state, is_leaf=_is_var)
+            state = jax.tree_util.tree_map_with_path(put, state, is_leaf=is_variable)
             model.projector = nnx.merge(graphdef, state)
             return
         if len(found) == 2 and found[1] != 4 * c:
@@ -314,17 +302,8 @@ def _load_projector(model: NVILA, path: str, mesh: Any, s2_repeat: int = 1) -> N
                 f"{reader.where('layers.2.weight')}: projector input {found[1]} is not "
                 f"4 * vision hidden {c} (times the {s2_repeat} S2 scales)"
             )
-        plan = _check(_params(state), reader, cfg_file, _projector_key)
-
-        def fill(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
-            key, transpose = plan[_path_str(key_path)]
-            value = var.get_value()
-            array = _make_array(
-                reader, key, transpose, value.shape, value.dtype, _sharding(var, mesh)
-            )
-            return var.replace(array)
-
-        state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=_is_var)
+        plan = check_shapes(named_params(state), reader, cfg_file, _projector_key)
+        state = read_params(state, plan, reader, mesh)
     model.projector = nnx.merge(graphdef, state)
 
 
@@ -405,8 +384,8 @@ def _write_part(
 ) -> None:
     """One-file safetensors + config.json of `module`'s params (key_for -> key, permutation)."""
     specs, getters = [], []
-    for param_path, var in _params(nnx.state(module, nnx.Param)):
-        key, perm = key_for(param_path)
+    for name, var in named_params(nnx.state(module, nnx.Param)):
+        key, perm = key_for(name)
         array = var.get_value()
         np_dtype = np.dtype(array.dtype if dtype is None else dtype)
         shape = tuple(array.shape)
@@ -417,7 +396,7 @@ def _write_part(
             inv = None
 
         def get(a=array, inv=inv, d=np_dtype) -> np.ndarray:
-            host = _to_host(a)
+            host = to_host(a)
             return (host if inv is None else host.transpose(inv)).astype(d)
 
         specs.append((key, shape, np_dtype))
@@ -435,13 +414,13 @@ def _write_part(
     write_safetensors(os.path.join(path, SINGLE_FILE), [specs[i] for i in order], arrays)
 
 
-def _siglip_key(param_path: str) -> tuple[str, tuple[int, ...] | None]:
-    key, perm = hf_siglip.hf_key_for(param_path)
+def _siglip_key(path: str) -> tuple[str, tuple[int, ...] | None]:
+    key, perm = hf_siglip.hf_key_for(path)
     return "vision_model." + key, perm
 
 
-def _projector_key_perm(param_path: str) -> tuple[str, tuple[int, ...] | None]:
-    key, transpose = _projector_key(param_path)
+def _projector_key_perm(path: str) -> tuple[str, tuple[int, ...] | None]:
+    key, transpose = _projector_key(path)
     return key, ((1, 0) if transpose else None)
 
 
@@ -517,7 +496,6 @@ def save_nvila(model: NVILA, path: str | os.PathLike, *, dtype: Any = None) -> N
 
 
 __all__ = [
-    "PROJECTOR_KEYS",
     "load_nvila",
     "nvila_config_from_dir",
     "save_nvila",

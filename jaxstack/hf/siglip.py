@@ -18,15 +18,13 @@ import re
 import warnings
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, Sharding
+from jax.sharding import Mesh
 
 from jaxstack.hf.errors import CheckpointError
-from jaxstack.hf.llm import _is_var, _params, _path_str, _sharding
 from jaxstack.hf.llm_config import read_hf_config
+from jaxstack.hf.params_io import check_shapes, named_params, read_params
 from jaxstack.hf.safetensors_io import CheckpointReader
 from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower
 
@@ -120,33 +118,6 @@ def _prefix(reader: CheckpointReader) -> str:
     )
 
 
-def _read_array(
-    reader: CheckpointReader,
-    key: str,
-    perm: tuple[int, ...] | None,
-    shape: tuple[int, ...],
-    dtype: Any,
-    sharding: Sharding,
-) -> jax.Array:
-    """Global array `shape` in `sharding`: file tensor transposed by `perm`, read per block."""
-    blocks: dict[tuple, np.ndarray] = {}
-
-    def block(index: tuple[slice, ...]) -> np.ndarray:
-        cache_key = tuple((s.start, s.stop, s.step) for s in index)
-        if cache_key not in blocks:
-            if perm is None:
-                data = reader.read(key, index)
-            else:  # array axis j is file axis perm[j]
-                file_index = [slice(None)] * len(perm)
-                for j, axis in enumerate(perm):
-                    file_index[axis] = index[j]
-                data = reader.read(key, tuple(file_index)).transpose(perm)
-            blocks[cache_key] = np.ascontiguousarray(data, dtype=dtype)
-        return blocks[cache_key]
-
-    return jax.make_array_from_callback(tuple(shape), sharding, block)
-
-
 def load_siglip(
     path: str | os.PathLike,
     *,
@@ -179,26 +150,12 @@ def load_siglip(
     graphdef, state = nnx.split(abstract)
     with CheckpointReader(path) as reader:
         prefix = _prefix(reader)
-        plan: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-        for param_path, var in _params(state):
+
+        def key_for(param_path: str) -> tuple[str, tuple[int, ...] | None]:
             key, perm = hf_key_for(param_path)
-            key = prefix + key
-            if key not in reader.keys():
-                raise CheckpointError(
-                    f"tensor {key!r} missing from {reader.listing} (config {cfg_file} has "
-                    f"{cfg.num_layers} layers)"
-                )
-            shape = tuple(var.get_value().shape)
-            expected = (
-                shape if perm is None else tuple(shape[perm.index(a)] for a in range(len(perm)))
-            )
-            found = reader.shape(key)
-            if found != expected:
-                raise CheckpointError(
-                    f"tensor {key!r} in {reader.where(key)}: expected shape {expected} "
-                    f"(from {cfg_file}), found {found}"
-                )
-            plan[param_path] = (key, perm)
+            return prefix + key, perm
+
+        plan = check_shapes(named_params(state), reader, cfg_file, key_for)
         used = {k for k, _ in plan.values()}
         unused = sorted(
             k
@@ -210,12 +167,5 @@ def load_siglip(
                 f"{reader.listing}: {len(unused)} SigLIP tensors not used, e.g. {unused[:3]}",
                 stacklevel=2,
             )
-
-        def fill(key_path: tuple, var: nnx.Variable) -> nnx.Variable:
-            key, perm = plan[_path_str(key_path)]
-            value = var.get_value()
-            array = _read_array(reader, key, perm, value.shape, value.dtype, _sharding(var, mesh))
-            return var.replace(array)
-
-        state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=_is_var)
+        state = read_params(state, plan, reader, mesh)
     return nnx.merge(graphdef, state)

@@ -1,16 +1,10 @@
-"""Diffusion LLMs (LLaDA, Dream) on the bidirectional `LLM` backbone, and their training loss.
+"""Diffusion LLMs (LLaDA, Dream) on the bidirectional `LLM` backbone.
 
-A diffusion LLM is the jaxstack decoder with `causal=False` plus three facts: the id of the
-[MASK] token, whether logits are shifted by one (Dream: position i is predicted from the logits
-at i - 1, position 0 keeps its own; LLaDA: no shift), and the masked-diffusion objective:
-
-    t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps, each token masked i.i.d. with p_mask
-    (never a prompt token in SFT), loss = sum over masked tokens of CE / p_mask, divided by
-    B * L (pre-training) or, in SFT, by each sequence's answer length and then by B.
-
-`diffusion_loss_sums` returns (sum, count) so `jaxstack.train.step.make_train_step(...,
-loss_sums=...)` normalises exactly under gradient accumulation. Its randomness comes from the
-batch (pre-drawn uniforms, see `draw_diffusion_noise`), so the train step stays pure.
+A diffusion LLM is the jaxstack decoder with `causal=False` plus two facts: the id of the
+[MASK] token and whether logits are shifted by one (Dream: position i is predicted from the
+logits at i - 1, position 0 keeps its own; LLaDA: no shift). The masked-diffusion training
+objective is `jaxstack.train.losses.diffusion_loss_sums`; sampling is
+`jaxstack.generate.dllm.dllm_generate`.
 
 Shapes: B batch, L sequence length, V vocab.
 """
@@ -24,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxstack.models.llm import LLM, LLMConfig, init_llm
 
@@ -33,7 +26,6 @@ Array = jax.Array
 KINDS = ("llada", "dream")
 LLADA_MASK_ID = 126336
 DREAM_MASK_ID = 151666
-DEFAULT_EPS = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +53,15 @@ class DLLMConfig:
         return self.kind == "dream"
 
     @classmethod
-    def preset(cls, name: str) -> DLLMConfig:
-        """By name: "llada-8b", "dream-7b" (published sizes), "llada-100m", "llada-small"
-        (trainable here with the byte tokenizer), "tiny-llada", "tiny-dream" (tests)."""
+    def preset(cls, name: str, **overrides: Any) -> DLLMConfig:
+        """The config of preset `name` (see PRESETS; case-insensitive), fields replaced by
+        `overrides`: "llada-8b", "dream-7b" (published sizes), "llada-100m", "llada-small"
+        (trainable here with the byte tokenizer), "tiny-llada", "tiny-dream" (tests).
+        Unknown names raise ValueError listing the known ones."""
         key = name.lower()
-        if key not in DLLM_PRESETS:
-            raise ValueError(
-                f"unknown diffusion LLM preset {name!r}; known: {sorted(DLLM_PRESETS)}"
-            )
-        return DLLM_PRESETS[key]()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} for DLLMConfig; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key](), **overrides)
 
 
 def _tiny(kind: str) -> DLLMConfig:
@@ -132,7 +124,7 @@ def _dream_7b() -> DLLMConfig:
     return DLLMConfig(llm, kind="dream", mask_id=DREAM_MASK_ID, eos_id=151643, pad_id=151643)
 
 
-DLLM_PRESETS: dict[str, Callable[[], DLLMConfig]] = {
+PRESETS: dict[str, Callable[[], DLLMConfig]] = {
     "llada-8b": _llada_8b,
     "dream-7b": _dream_7b,
     "llada-100m": functools.partial(_llada_byte, 768, 12, 12, 2560),  # 99M parameters
@@ -163,62 +155,3 @@ def dllm_logits(model: LLM, input_ids_bl: Array, kind: str = "llada", **kwargs: 
         raise ValueError(f"unknown diffusion LLM kind {kind!r}; supported: {KINDS}")
     logits = model(input_ids_bl, **kwargs)
     return shift_logits(logits) if kind == "dream" else logits
-
-
-def draw_diffusion_noise(key: Array, batch: int, length: int) -> dict[str, Array]:
-    """Pre-drawn randomness of the masked-diffusion loss for one batch.
-
-    Returns {"t": float32 [B] ~ U(0, 1), "mask_u": float32 [B, L] ~ U(0, 1)}; add it to the
-    batch dict (token i of row b is masked iff mask_u[b, i] < p_mask[b]).
-    """
-    k_t, k_u = jax.random.split(key)
-    return {
-        "t": jax.random.uniform(k_t, (batch,), jnp.float32),
-        "mask_u": jax.random.uniform(k_u, (batch, length), jnp.float32),
-    }
-
-
-def diffusion_loss_sums(
-    model: LLM,
-    batch: dict[str, Array],
-    *,
-    kind: str = "llada",
-    mask_id: int = LLADA_MASK_ID,
-    eps: float = DEFAULT_EPS,
-) -> tuple[Array, Array]:
-    """(loss sum, normaliser) of the masked-diffusion objective for one micro-batch.
-
-    batch: input_ids int [B, L] (clean tokens); t float [B] and mask_u float [B, L] uniforms
-    (`draw_diffusion_noise`); optional prompt_mask bool [B, L] (SFT: True on prompt tokens,
-    which are never masked); optional loss_mask bool [B, L] (False on padding that must not
-    be trained, e.g. for packed pre-training; LLaDA's SFT trains on the EOS padding).
-    Pre-training (no prompt_mask): sum = sum_masked CE / p_mask, normaliser = number of
-    (valid) tokens, i.e. B * L. SFT: sum = sum_b (sum_masked CE / p_mask) / answer_length_b,
-    normaliser = B. loss = sum / normaliser, float32 scalars.
-    """
-    ids = batch["input_ids"]
-    b, length = ids.shape
-    valid = batch.get("loss_mask")
-    valid = jnp.ones((b, length), bool) if valid is None else valid.astype(bool)
-    prompt = batch.get("prompt_mask")
-    p_mask = (1.0 - eps) * batch["t"].astype(jnp.float32) + eps  # [B]
-    masked = (batch["mask_u"] < p_mask[:, None]) & valid
-    if prompt is not None:
-        masked = masked & ~prompt.astype(bool)
-    noisy = jnp.where(masked, mask_id, ids)
-    logits = dllm_logits(model, noisy, kind).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
-    weighted = jnp.where(masked, (lse - picked) / p_mask[:, None], 0.0)  # [B, L]
-    if prompt is None:
-        return jnp.sum(weighted), jnp.sum(valid.astype(jnp.float32))
-    answer_len = jnp.sum((~prompt.astype(bool) & valid).astype(jnp.float32), axis=1)
-    per_row = jnp.sum(weighted, axis=1) / jnp.maximum(answer_len, 1.0)
-    return jnp.sum(per_row), jnp.asarray(b, jnp.float32)
-
-
-def make_diffusion_loss(
-    kind: str = "llada", mask_id: int = LLADA_MASK_ID, eps: float = DEFAULT_EPS
-) -> Callable[[nnx.Module, dict[str, Array]], tuple[Array, Array]]:
-    """`loss_sums(model, batch)` hook for `make_train_step` (see `diffusion_loss_sums`)."""
-    return functools.partial(diffusion_loss_sums, kind=kind, mask_id=mask_id, eps=eps)

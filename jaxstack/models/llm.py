@@ -11,6 +11,8 @@ F mlp width, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,7 +22,7 @@ from flax import nnx
 
 from jaxstack.nn.attention import dot_product_attention, make_attn_mask
 from jaxstack.nn.layers import Dense, Embed, RMSNorm, apply_rope, rope_inv_freq
-from jaxstack.parallel.mesh import constrain, current_mesh
+from jaxstack.parallel.mesh import constrain
 from jaxstack.parallel.sequence import (
     sequence_parallel_attention,
     sequence_parallel_options,
@@ -76,12 +78,14 @@ class LLMConfig:
         return self.num_layers * layer + emb + d
 
     @classmethod
-    def preset(cls, name: str) -> LLMConfig:
-        """Published sizes by name (see PRESETS), e.g. "qwen2.5-1.5b", "llama3-8b", "tiny"."""
+    def preset(cls, name: str, **overrides: Any) -> LLMConfig:
+        """The config of preset `name` (see PRESETS; case-insensitive), fields replaced by
+        `overrides`: published sizes such as "qwen2.5-1.5b", "llama3-8b", and "tiny" (tests).
+        Unknown names raise ValueError listing the known ones."""
         key = name.lower()
         if key not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**PRESETS[key])
+            raise ValueError(f"unknown preset {name!r} for LLMConfig; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key](), **overrides)
 
 
 _QWEN25 = dict(
@@ -116,7 +120,7 @@ _LLAMA3 = dict(
     max_position_embeddings=8192,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {
+_PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         architecture="qwen2",
         vocab_size=512,
@@ -227,6 +231,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
     ),
 }
+# name -> config factory, the preset registry idiom of every model family (`LLMConfig.preset`).
+PRESETS: dict[str, Callable[[], LLMConfig]] = {
+    name: functools.partial(LLMConfig, **fields) for name, fields in _PRESET_FIELDS.items()
+}
 
 
 @jax.tree_util.register_dataclass
@@ -308,13 +316,12 @@ class Attention(nnx.Module):
 
 
 def _sequence_parallel(q, k, v, *, causal, segment_ids):
-    """Attention over the current mesh's `sequence` axis; mode from `use_sequence_parallel`."""
+    """Attention over the context mesh's `sequence` axis; mode from `use_sequence_parallel`."""
     opts = sequence_parallel_options()
     return sequence_parallel_attention(
         q,
         k,
         v,
-        mesh=current_mesh(),
         mode=opts.mode,
         causal=causal,
         segment_ids=segment_ids,
@@ -511,17 +518,37 @@ class LLM(nnx.Module):
         [B, T] (False = padding); mask_ar int [B, T] overrides the attention pattern (see
         `make_attn_mask`), default all ones if causal else all zeros.
 
-        When the current mesh (`use_mesh`) has sequence > 1 and neither input_mask nor mask_ar
-        is given, attention runs sequence-parallel (`jaxstack.parallel.sequence`; mode set by
-        `use_sequence_parallel`, default "auto") with segment ids instead of a dense mask.
+        Sequence parallelism: when the context mesh (`jax.set_mesh`) has sequence > 1 and
+        `use_sequence_parallel` has not disabled it (`sequence_parallel_size() > 1`), attention
+        runs sequence-parallel (`jaxstack.parallel.sequence`; mode and layout from
+        `use_sequence_parallel`, default "auto", contiguous) with segment ids instead of a dense
+        mask: input_mask becomes a segment of its own for the padding (padding is seen by
+        nothing), T must divide by the sequence size, and mask_ar is not supported (ValueError;
+        disable sequence parallelism for such patterns). The choice never depends on which
+        masks are passed.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
         x = constrain(x, ("batch", "seq", "act_embed"))
         if positions is None:
             positions = positions_from(b, t, segment_ids, input_mask)
-        sp = sequence_parallel_size(current_mesh())
-        if sp > 1 and t % sp == 0 and input_mask is None and mask_ar is None:
+        sp = sequence_parallel_size()
+        if sp > 1:
+            if mask_ar is not None:
+                raise ValueError(
+                    "mask_ar is not supported with sequence-parallel attention (mesh sequence="
+                    f"{sp}); run it under use_sequence_parallel(enabled=False) or without a "
+                    "sequence axis"
+                )
+            if t % sp:
+                raise ValueError(
+                    f"sequence length {t} is not divisible by the mesh's sequence axis ({sp}); "
+                    "pad or bucket it to a multiple, or disable sequence parallelism"
+                )
+            if input_mask is not None:  # padding: a segment no real token shares
+                seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+                pad_id = jnp.iinfo(jnp.int32).min
+                segment_ids = jnp.where(input_mask.astype(bool), seg.astype(jnp.int32), pad_id)
             # Sequence parallelism: segment ids go to the shard_map attention (no dense mask).
             zigzag = sequence_parallel_options().layout == "zigzag"
             if zigzag:  # store the sequence in zigzag order; hidden states come back in order

@@ -12,8 +12,7 @@ transformers `InternVLModel.pixel_shuffle(x, 0.5)`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ class Projector2x2(nnx.Module):
     """NVILA `mlp_downsample_2x2_fix`: 2x2 space-to-channel, LN(4C) -> Lin(4C, D) -> GELU -> Lin(D, D).
 
     Parameter names follow transformers `InternVLMultiModalProjector` (layer_norm, linear_1,
-    linear_2); see `projector_from_internvl`.
+    linear_2); `jaxstack.hf.nvila_projector` maps VILA's and InternVL's weights onto them.
     """
 
     def __init__(
@@ -94,8 +93,8 @@ class Projector3x3(nnx.Module):
     """NVILA-Lite `mlp_downsample_3x3_fix`.
 
     3x3 space-to-channel, LN(9C) -> Lin(9C, 3C) -> GELU -> LN(3C) -> Lin(3C, D) -> GELU ->
-    Lin(D, D). Attribute order follows VILA's nn.Sequential indices 1..7 (see
-    `projector3x3_from_vila`).
+    Lin(D, D). Attribute order follows VILA's nn.Sequential indices 1..7 (key table:
+    `jaxstack.hf.nvila_projector.PROJECTOR_KEYS["vila_3x3"]`).
     """
 
     def __init__(
@@ -125,87 +124,6 @@ class Projector3x3(nnx.Module):
         """x [B, H, W, C] feature map -> [B, ceil(H/3) * ceil(W/3), D] tokens (row-major)."""
         y = self.mlp(space_to_channel(x_bhwc, 3))
         return y.reshape(y.shape[0], -1, y.shape[-1])
-
-
-def _to_np(t: Any) -> np.ndarray:
-    if hasattr(t, "detach"):  # torch tensor
-        t = t.detach().float().cpu().numpy()
-    return np.asarray(t, dtype=np.float32)
-
-
-def _assign(
-    module: nnx.Module, mapping: Mapping[str, tuple[str, str]], sd: Mapping[str, Any]
-) -> None:
-    """Copy sd[key] into module.<attr>.<param> (Linear weights [out, in] are transposed)."""
-    missing = [k for k in mapping if k not in sd]
-    if missing:
-        raise KeyError(f"projector state_dict lacks {missing}; has {sorted(sd)}")
-    for key, (attr, pname) in mapping.items():
-        param = getattr(getattr(module, attr), pname)
-        value = _to_np(sd[key])
-        if pname == "kernel":
-            value = value.T
-        if value.shape != param[...].shape:
-            raise ValueError(f"{key}: shape {value.shape} != expected {param[...].shape}")
-        param[...] = jnp.asarray(value, param[...].dtype)
-
-
-def projector_from_internvl(
-    state_dict: Mapping[str, Any], *, prefix: str = "", dtype=jnp.float32
-) -> Projector2x2:
-    """Build a Projector2x2 from `InternVLMultiModalProjector` weights (torch or NumPy).
-
-    Keys (after `prefix`, e.g. "multi_modal_projector."): layer_norm.{weight,bias},
-    linear_1.{weight,bias} ([D, 4C]), linear_2.{weight,bias} ([D, D]).
-    """
-    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if "linear_1.weight" not in sd:
-        raise KeyError(f"no 'linear_1.weight' under prefix {prefix!r}; keys: {sorted(state_dict)}")
-    d, four_c = _to_np(sd["linear_1.weight"]).shape
-    if four_c % 4:
-        raise ValueError(f"linear_1 input dim {four_c} is not 4 * C")
-    model = Projector2x2(four_c // 4, d, dtype=dtype, rngs=nnx.Rngs(0))
-    mapping = {
-        "layer_norm.weight": ("layer_norm", "scale"),
-        "layer_norm.bias": ("layer_norm", "bias"),
-        "linear_1.weight": ("linear_1", "kernel"),
-        "linear_1.bias": ("linear_1", "bias"),
-        "linear_2.weight": ("linear_2", "kernel"),
-        "linear_2.bias": ("linear_2", "bias"),
-    }
-    _assign(model, mapping, sd)
-    return model
-
-
-def projector3x3_from_vila(
-    state_dict: Mapping[str, Any], *, prefix: str = "layers.", dtype=jnp.float32
-) -> Projector3x3:
-    """Build a Projector3x3 from VILA `mlp_downsample_3x3_fix` weights (nn.Sequential indices).
-
-    Keys after `prefix`: 1 (LN 9C), 2 (Lin 9C->3C), 4 (LN 3C), 5 (Lin 3C->D), 7 (Lin D->D).
-    """
-    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if "2.weight" not in sd or "5.weight" not in sd:
-        raise KeyError(
-            f"no '2.weight'/'5.weight' under prefix {prefix!r}; keys: {sorted(state_dict)}"
-        )
-    three_c = _to_np(sd["2.weight"]).shape[0]
-    d = _to_np(sd["5.weight"]).shape[0]
-    model = Projector3x3(three_c // 3, d, dtype=dtype, rngs=nnx.Rngs(0))
-    mapping = {
-        "1.weight": ("norm_1", "scale"),
-        "1.bias": ("norm_1", "bias"),
-        "2.weight": ("linear_1", "kernel"),
-        "2.bias": ("linear_1", "bias"),
-        "4.weight": ("norm_2", "scale"),
-        "4.bias": ("norm_2", "bias"),
-        "5.weight": ("linear_2", "kernel"),
-        "5.bias": ("linear_2", "bias"),
-        "7.weight": ("linear_3", "kernel"),
-        "7.bias": ("linear_3", "bias"),
-    }
-    _assign(model, mapping, sd)
-    return model
 
 
 def temporal_pool(tokens_tnd: Array, group: int) -> Array:
@@ -296,8 +214,6 @@ __all__: Sequence[str] = (
     "interleave_separators",
     "merge_multimodal",
     "project_video",
-    "projector3x3_from_vila",
-    "projector_from_internvl",
     "space_to_channel",
     "temporal_pool",
     "tokens_to_map",

@@ -15,6 +15,8 @@ Shapes: B batch, N tokens, D hidden, F mlp width, Nh heads, Hd head dim, P patch
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -51,6 +53,16 @@ class SiglipConfig:
                 f"image_size {self.image_size} not divisible by patch_size {self.patch_size}"
             )
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SiglipConfig:
+        """The config of preset `name` (see PRESETS; case-insensitive), fields replaced by
+        `overrides`: "so400m-patch14-448" (the NVILA tower), "tiny" (tests). Unknown names
+        raise ValueError listing the known ones."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} for SiglipConfig; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key](), **overrides)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -66,9 +78,10 @@ class SiglipConfig:
         return self.grid_size**2
 
 
-PRESETS: dict[str, SiglipConfig] = {
+PRESETS: dict[str, Callable[[], SiglipConfig]] = {
     # google/siglip-so400m-patch14-448 (the PaliGemma / NVILA vision tower).
-    "so400m-patch14-448": SiglipConfig(
+    "so400m-patch14-448": functools.partial(
+        SiglipConfig,
         hidden_size=1152,
         num_layers=27,
         num_heads=16,
@@ -77,17 +90,16 @@ PRESETS: dict[str, SiglipConfig] = {
         patch_size=14,
         layer_norm_eps=1e-6,
     ),
-    "tiny": SiglipConfig(
-        hidden_size=64, num_layers=3, num_heads=4, mlp_dim=128, image_size=28, patch_size=14
+    "tiny": functools.partial(
+        SiglipConfig,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        mlp_dim=128,
+        image_size=28,
+        patch_size=14,
     ),
 }
-
-
-def siglip_config(name: str) -> SiglipConfig:
-    """Preset by name ("so400m-patch14-448", "tiny")."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown SigLIP preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
 
 
 class PatchEmbed(nnx.Module):

@@ -1,11 +1,11 @@
 """NVILA vision-language model: SigLIP tower -> 2x2 projector -> Qwen2-family LLM.
 
-Pipeline (specs/vlm.md §1): images/frames [N, H, W, 3] (NHWC) go through `SiglipVisionTower`
-(features = hidden_states[-2], no post-LN) -> `tokens_to_map` -> `Projector2x2` giving
-[N, tokens, D_llm]. Video frames are then averaged over groups of `frames_per_group`
-consecutive frames (TSP `pool_sizes [[8, 1, 1]]`) and each group is followed by the LLM's
-embedding of the separator token ("\\n"). Media embeddings are spliced into the prompt at the
-placeholder (`media_token_id`) positions with `merge_multimodal`.
+Pipeline (§1 of the project spec vlm.md, ../shared/specs/vlm.md outside this repository):
+images/frames [N, H, W, 3] (NHWC) go through `SiglipVisionTower` (features = hidden_states[-2], no
+post-LN) -> `tokens_to_map` -> `Projector2x2` giving [N, tokens, D_llm]. Video frames are then
+averaged over groups of `frames_per_group` consecutive frames (TSP `pool_sizes [[8, 1, 1]]`) and
+each group is followed by the LLM's embedding of the separator token ("\\n"). Media embeddings are
+spliced into the prompt at the placeholder (`media_token_id`) positions with `merge_multimodal`.
 
 `encode_video(model, frames, mesh=...)` runs the per-frame tower + projector data-parallel over
 the frames inside `shard_map` (each device only sees its own pixels); only projected tokens are
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,10 +43,10 @@ from jaxstack.models.nvila_connector import (
     temporal_pool,
     tokens_to_map,
 )
-from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower, siglip_config
+from jaxstack.models.siglip import SiglipConfig, SiglipVisionTower
 from jaxstack.parallel.mesh import use_mesh
 from jaxstack.parallel.multimodal import MMShardPlan, plan_mm_sharding, shard_multimodal_embeddings
-from jaxstack.parallel.sequence import _shard_map
+from jaxstack.parallel.sequence import shard_map
 
 Array = jax.Array
 
@@ -65,7 +65,7 @@ class VLMConfig:
     freeze_vision: stop gradients at the tower output (tower frozen during training).
     """
 
-    vision: SiglipConfig = dataclasses.field(default_factory=lambda: siglip_config("tiny"))
+    vision: SiglipConfig = dataclasses.field(default_factory=lambda: SiglipConfig.preset("tiny"))
     llm: LLMConfig = dataclasses.field(default_factory=lambda: LLMConfig.preset("tiny"))
     projector: str = "2x2"
     frames_per_group: int = 8
@@ -96,10 +96,14 @@ class VLMConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> VLMConfig:
-        """Preset by name (see PRESETS); keyword overrides replace fields."""
-        if name not in PRESETS:
-            raise KeyError(f"unknown VLM preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name](), **overrides)
+        """The config of preset `name` (see PRESETS; case-insensitive), fields replaced by
+        `overrides`: "tiny", "tiny-video" (tests, the embedded demo), "nvila-qwen2.5-1.5b",
+        "nvila-qwen2.5-3b", "nvila-8b" (shapes of the published sizes). Unknown names raise
+        ValueError listing the known ones."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} for VLMConfig; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key](), **overrides)
 
 
 def _tiny() -> VLMConfig:
@@ -116,13 +120,13 @@ def _tiny() -> VLMConfig:
     )
 
 
-def _nvila(llm_preset: str):
+def _nvila(llm_preset: str) -> Callable[[], VLMConfig]:
     # Shapes only: so400m-patch14-448 (1024 tokens -> 256 after 2x2) + a Qwen2.5 LLM. 198 is "\n"
     # in the Qwen2 tokenizer; the media id is the tokenizer's appended placeholder token and
     # depends on the checkpoint's tokenizer (`jaxstack.hf.load_nvila` reads it from there).
     def make() -> VLMConfig:
         return VLMConfig(
-            vision=siglip_config("so400m-patch14-448"),
+            vision=SiglipConfig.preset("so400m-patch14-448"),
             llm=LLMConfig.preset(llm_preset),
             frames_per_group=8,
             media_token_id=151649,
@@ -152,7 +156,7 @@ def _tiny_video() -> VLMConfig:
     )
 
 
-PRESETS = {
+PRESETS: dict[str, Callable[[], VLMConfig]] = {
     "tiny": _tiny,
     "tiny-video": _tiny_video,
     "nvila-qwen2.5-1.5b": _nvila("qwen2.5-1.5b"),
@@ -326,14 +330,14 @@ def frame_tokens(
 
     def local(state_local: nnx.State, frames_local: Array) -> Array:
         tower_l, projector_l = nnx.merge(graphdef, state_local)
-        with use_mesh(None):  # per-device code: no global sharding constraints
-            feats = tower_l(frames_local)
-            if freeze:
-                feats = jax.lax.stop_gradient(feats)
-            return projector_l(tokens_to_map(feats))
+        # per-device code: the axes are manual here, so the layers' `constrain` is a no-op
+        feats = tower_l(frames_local)
+        if freeze:
+            feats = jax.lax.stop_gradient(feats)
+        return projector_l(tokens_to_map(feats))
 
     frame_spec = P(axes)
-    fn = _shard_map(local, mesh, in_specs=(P(), frame_spec), out_specs=frame_spec)
+    fn = shard_map(local, mesh, in_specs=(P(), frame_spec), out_specs=frame_spec)
     return fn(state, frames_thwc)[:t]
 
 
@@ -417,17 +421,16 @@ def encode_video_groups_sp(
 
     def local(state_l, frames_l, valid_l, counts_l):
         tower_l, projector_l = nnx.merge(graphdef, state_l)
-        with use_mesh(None):  # per-device code
-            feats = tower_l(frames_l)
-            if freeze:
-                feats = jax.lax.stop_gradient(feats)
-            tokens = projector_l(tokens_to_map(feats))  # [U * k, n, D]
+        feats = tower_l(frames_l)  # per-device code (manual axes: `constrain` is a no-op)
+        if freeze:
+            feats = jax.lax.stop_gradient(feats)
+        tokens = projector_l(tokens_to_map(feats))  # [U * k, n, D]
         x32 = jnp.where(valid_l[:, None, None], tokens.astype(jnp.float32), 0.0)
         sums = x32.reshape(-1, k, *x32.shape[1:]).sum(axis=1)
         return (sums / counts_l[:, None, None]).astype(tokens.dtype)
 
     spec = P(axis)
-    fn = _shard_map(local, mesh, in_specs=(P(), spec, spec, spec), out_specs=spec)
+    fn = shard_map(local, mesh, in_specs=(P(), spec, spec, spec), out_specs=spec)
     return fn(state, frames, valid, counts)
 
 

@@ -1,7 +1,7 @@
 """Shared layers: dense projections, embeddings, RMSNorm and rotary position embeddings.
 
 Parameters are `nnx.Param`s carrying `logical_axes` metadata (e.g. ("embed", "mlp")); the
-table in `jaxstack.parallel.rules` maps those names to mesh axes. Parameters are stored in
+table `jaxstack.parallel.mesh.RULES` maps those names to mesh axes. Parameters are stored in
 `param_dtype` (float32 master weights for training) and cast to `dtype` at use.
 """
 

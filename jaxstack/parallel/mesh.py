@@ -2,20 +2,34 @@
 
 Every mesh has the four axes ("data", "fsdp", "sequence", "tensor"), size 1 where unused, so
 the rules below apply to any mesh. Parameters carry `logical_axes` metadata; activations are
-constrained with `constrain(x, ("batch", "seq", "act_embed"))` inside a `use_mesh` context.
+constrained with `constrain(x, ("batch", "seq", "act_embed"))`.
+
+The mesh activations are constrained to is JAX's own mesh context: `jax.set_mesh(mesh)` (or
+`use_mesh(mesh)`, the same context), read with `context_mesh()`; there is no jaxstack-private
+mesh state. JAX keys its jit caches on that context, so a function traced without a mesh and
+called again under one is traced again. Set it outside `jax.jit`, around the jitted call.
+
+Divisibility: where the mesh axes of a logical axis do not divide its dimension (a vocabulary
+of 263 on tensor=2), `spec_for` replicates that dimension and warns once per (name, logical
+axes, shape, mesh axes) with an `IndivisibleShardingWarning` naming the parameter, the logical
+axis and the sizes: never silently, and without refusing a model whose sizes are what they
+are (pad such a dimension to shard it). Turn the warning into an error with
+`warnings.simplefilter("error", IndivisibleShardingWarning)`. `constrain` (activations, whose
+sizes change with the input: one-token decode steps on a sequence mesh, odd batches) leaves
+such a dimension replicated without a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -97,22 +111,57 @@ def make_mesh(
     return Mesh(dev_array, AXES)
 
 
-def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array whose dims carry `logical_axes`.
+class IndivisibleShardingWarning(UserWarning):
+    """A dimension its mesh axes do not divide was left replicated (see `spec_for`)."""
 
-    A dim whose size the mesh axes do not divide is left replicated; a mesh axis is used at
-    most once per array.
-    """
+
+_WARNED: set[tuple] = set()  # (name, logical axes, shape, mesh axes) already warned about
+
+
+def _mesh_sizes(mesh: Mesh | AbstractMesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, (int(n) for n in mesh.axis_sizes), strict=True))
+
+
+def _spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    sizes: dict[str, int],
+    *,
+    name: str | None,
+    warn: bool,
+) -> PartitionSpec:
+    """PartitionSpec over the mesh axes in `sizes` (axes absent there count as size 1)."""
+    if len(logical_axes) != len(shape):
+        what = f"{name!r}: " if name else ""
+        raise ValueError(
+            f"{what}{len(logical_axes)} logical axes {tuple(logical_axes)} for shape {tuple(shape)}"
+        )
     used: set[str] = set()
     out = []
-    for name, dim in zip(logical_axes, shape, strict=True):
-        target = RULES.get(name) if name is not None else None
-        if name is not None and name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(RULES)}")
+    for logical, dim in zip(logical_axes, shape, strict=True):
+        if logical is not None and logical not in RULES:
+            raise KeyError(f"logical axis {logical!r} has no rule; known: {sorted(RULES)}")
+        target = RULES.get(logical) if logical is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
+        size = math.prod(sizes[a] for a in axes)
+        if not axes:
+            out.append(None)
+            continue
+        if dim % size:
+            mesh_axes = ", ".join(f"{a}={sizes[a]}" for a in axes)
+            key = (name, tuple(logical_axes), tuple(shape), mesh_axes)
+            if warn and key not in _WARNED:
+                _WARNED.add(key)
+                what = f"parameter {name!r}" if name else "array"
+                warnings.warn(
+                    f"{what} of shape {tuple(shape)}: dimension {dim} (logical axis "
+                    f"{logical!r}) is not divisible by mesh axes {mesh_axes} (product {size}); "
+                    "it stays replicated over them (pad it, or choose a mesh whose axes "
+                    "divide it, to shard it)",
+                    IndivisibleShardingWarning,
+                    stacklevel=3,
+                )
             out.append(None)
             continue
         used.update(axes)
@@ -120,17 +169,43 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return PartitionSpec(*out)
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
-    """NamedSharding of one (abstract or concrete) variable by its `logical_axes` metadata."""
+def spec_for(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh | AbstractMesh,
+    *,
+    name: str | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dims carry `logical_axes` (one name or None per dim).
+
+    Each logical axis maps to mesh axes by `RULES`; mesh axes of size 1 (or absent from the
+    mesh) are dropped, and a mesh axis is used at most once per array. A dimension not
+    divisible by the product of its mesh axes is replicated, with an
+    `IndivisibleShardingWarning` (once per name, logical axes, shape and mesh axes) that
+    names `name` (the parameter path, when given), the logical axis and the sizes.
+    """
+    return _spec(logical_axes, shape, _mesh_sizes(mesh), name=name, warn=True)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, name: str | None = None) -> NamedSharding:
+    """NamedSharding of one (abstract or concrete) variable by its `logical_axes` metadata.
+
+    name: the parameter's path, for the warning when the mesh does not divide a dimension.
+    """
     axes = var.get_metadata().get("logical_axes")
     shape = var.get_value().shape
-    return NamedSharding(mesh, spec_for(axes, shape, mesh) if axes else PartitionSpec())
+    spec = spec_for(axes, shape, mesh, name=name) if axes else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+
+def _path(key_path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedSharding for every variable in an (abstract or concrete) nnx.State."""
-    return jax.tree.map(
-        lambda var: variable_sharding(var, mesh),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, var: variable_sharding(var, mesh, _path(path)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
@@ -176,27 +251,80 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-_CURRENT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+# -- JAX's mesh context ------------------------------------------------------------------------
+
+
+def _tracing() -> bool:
+    """True inside a jit / shard_map trace (where JAX exposes only the abstract mesh)."""
+    try:
+        jax.sharding.get_mesh()  # raises ValueError while tracing (jax >= 0.7)
+    except ValueError:
+        return True
+    return False
+
+
+def context_mesh() -> Mesh | AbstractMesh | None:
+    """The mesh of JAX's mesh context (`jax.set_mesh` / `use_mesh`), or None when none is set.
+
+    Outside jit: the concrete `Mesh`. While tracing (inside `jax.jit`, `shard_map`): the
+    `AbstractMesh` (JAX exposes only that there), whose axis types mark the axes that are
+    manual inside a `shard_map`. Read it at trace time; it is part of jit's cache key.
+    """
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract.empty:
+        return None
+    if _tracing() or any(t == AxisType.Manual for t in abstract.axis_types):
+        return abstract
+    concrete = jax.sharding.get_mesh()
+    if concrete.empty or concrete.abstract_mesh != abstract:  # set by use_abstract_mesh only
+        return abstract
+    return concrete
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh | None):
-    """Make `mesh` the target of `constrain` calls traced inside this context."""
-    token = _CURRENT_MESH.set(mesh)
-    try:
+def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
+    """`jax.set_mesh(mesh)` as a context manager (None: no mesh): JAX's own mesh context.
+
+    A user's `with jax.set_mesh(mesh):` has exactly the same effect; prefer it. Use it outside
+    `jax.jit`, around the jitted call (JAX keys its caches on it). Inside a trace, where
+    `jax.set_mesh` is not allowed, this sets only the abstract mesh
+    (`jax.sharding.use_abstract_mesh`), which is what `constrain` and `shard_map` read; the
+    traced arrays must then already be placed on `mesh` (committed jit arguments).
+    """
+    if not _tracing():
+        with jax.set_mesh(mesh):
+            yield mesh
+        return
+    target = mesh.abstract_mesh if mesh is not None else AbstractMesh((), ())
+    if jax.sharding.get_abstract_mesh() == target:
         yield mesh
-    finally:
-        _CURRENT_MESH.reset(token)
+        return
+    with jax.sharding.use_abstract_mesh(target):
+        yield mesh
 
 
-def current_mesh() -> Mesh | None:
-    return _CURRENT_MESH.get()
+def _auto_sizes(mesh: Mesh | AbstractMesh) -> dict[str, int]:
+    """Sizes of the axes `constrain` may use: Auto axes (not Manual inside shard_map, not
+    Explicit, whose shardings JAX carries in the array types)."""
+    types = getattr(mesh, "axis_types", None) or (AxisType.Auto,) * len(mesh.axis_names)
+    return {a: s for (a, s), t in zip(_mesh_sizes(mesh).items(), types) if t == AxisType.Auto}
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical axis names; no-op without a mesh."""
-    mesh = _CURRENT_MESH.get()
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | AbstractMesh | None = None
+) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names (`RULES`).
+
+    mesh: default the context mesh (`jax.set_mesh` / `use_mesh`). A no-op without a mesh, on a
+    mesh of size 1, and inside `shard_map` (manual axes are never constrained; all manual: no
+    constraint). A dimension its mesh axes do not divide stays replicated (activations change
+    size with the input, e.g. one-token decode steps).
+    """
+    mesh = context_mesh() if mesh is None else mesh
     if mesh is None or mesh.size == 1:
         return x
-    spec = spec_for(logical_axes, x.shape, mesh)
+    sizes = _auto_sizes(mesh)
+    if math.prod(sizes.values()) == 1:
+        return x
+    spec = _spec(logical_axes, x.shape, sizes, name=None, warn=False)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

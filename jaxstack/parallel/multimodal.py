@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxstack.parallel.sequence import LAYOUTS, _shard_map, layout_positions
+from jaxstack.parallel.sequence import LAYOUTS, layout_positions, shard_map
 
 Array = jax.Array
 
@@ -329,7 +329,7 @@ def shard_multimodal_embeddings(
         tokens = jnp.take(recv, recv_idx, axis=0).astype(text_l.dtype)  # [L, D]
         return jnp.where(vis[None, :, None], tokens[None], text_l)
 
-    fn = _shard_map(
+    fn = shard_map(
         body,
         mesh,
         in_specs=(P(axis), P(None, axis), P(axis), P(axis), P(axis)),

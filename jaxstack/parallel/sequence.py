@@ -24,11 +24,18 @@ the mesh's `sequence` axis. `sequence_parallel_attention` runs one of:
   inside a node, ring across nodes, as LongVILA's `use_ulysses_low`): all_to_all inside each
   Ulysses group, ring attention across the groups, all_to_all back.
 
-2D mesh choice: `make_mesh` keeps its four standard axes, so for "2d" we build, inside this
-function, a view of the same devices in which the `sequence` axis is reshaped into
-("sequence_ring", "sequence_ulysses") = [R, U] (row-major, so device d of the sequence axis is
-ring group d // U, Ulysses rank d % U and the shard order is unchanged). A caller whose mesh
-already has two sequence axes passes `ring_axis=` and `ulysses_axis=` instead.
+2D on one axis: `make_mesh` keeps its four standard axes, so for "2d" the P = R x U devices of
+the `sequence` axis are grouped in place: device d is Ulysses rank d % U of group d // U. The
+Ulysses all_to_all runs inside each group (`axis_index_groups`) and R-member rings link the
+devices with the same Ulysses rank (device d sends to d + U), so no second mesh is needed and
+the mesh stays JAX's context mesh (the collectives are those of the [R, U] view that
+`split_sequence_mesh` builds). A caller whose mesh already has two sequence axes passes
+`ring_axis=` and `ulysses_axis=` instead.
+
+The mesh: `sequence_parallel_attention(mesh=None)` uses JAX's context mesh (`jax.set_mesh`);
+models choose sequence-parallel attention when that mesh has sequence > 1 and
+`use_sequence_parallel` has not disabled it (`sequence_parallel_size`). Both are part of jit's
+cache key: the mesh context by JAX, the options through `jax.make_user_context`.
 
 Layouts: "contiguous" (device d holds tokens [d S/P, (d+1) S/P)) or "zigzag" (the sequence is
 cut into 2P chunks and device d holds chunks d and 2P-1-d, which balances causal work). Global
@@ -50,10 +57,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxstack.nn.attention import dot_product_attention
+from jaxstack.parallel.mesh import context_mesh
 from pallas_kernels.flash_attention import get_block_fns, merge_partials
 
 Array = jax.Array
@@ -104,7 +112,7 @@ def layout_positions(seq_len: int, sp: int, layout: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceParallelOptions:
-    """How models route attention when the current mesh has sequence > 1.
+    """How models route attention when the context mesh has sequence > 1.
 
     mode: "auto" (Ulysses when the query heads divide by the sequence size, else 2D with the
     largest Ulysses group the heads allow, else ring), or one of MODES.
@@ -115,17 +123,44 @@ class SequenceParallelOptions:
     model permutes token ids, positions and segment ids into zigzag order before embedding
     and its hidden states back at the end, so callers see position order; balances causal
     ring work).
+    enabled: False runs dense attention even on a mesh with sequence > 1 (XLA then gathers
+    the sequence; e.g. for attention patterns the sequence-parallel paths do not take).
     """
 
     mode: str = "auto"
     ulysses_size: int | None = None
     implementation: str | None = None
     layout: str = "contiguous"
+    enabled: bool = True
 
 
-_OPTIONS: contextvars.ContextVar[SequenceParallelOptions | None] = contextvars.ContextVar(
-    "sequence_parallel_options", default=None
-)
+# The options live in a jit-cache-keyed context (jax.make_user_context): a function traced
+# under one setting is traced again under another. Older jax: a plain context variable.
+_make_user_context = getattr(jax, "make_user_context", None)
+if _make_user_context is not None:
+    _OPTIONS = _make_user_context(default_value=None)
+
+    def _get_options() -> SequenceParallelOptions | None:
+        return _OPTIONS.value
+
+    def _options_context(options: SequenceParallelOptions):
+        return _OPTIONS(options)
+
+else:  # pragma: no cover - jax without user contexts
+    _OPTIONS_VAR: contextvars.ContextVar[SequenceParallelOptions | None] = contextvars.ContextVar(
+        "sequence_parallel_options", default=None
+    )
+
+    def _get_options() -> SequenceParallelOptions | None:
+        return _OPTIONS_VAR.get()
+
+    @contextlib.contextmanager
+    def _options_context(options: SequenceParallelOptions):
+        token = _OPTIONS_VAR.set(options)
+        try:
+            yield
+        finally:
+            _OPTIONS_VAR.reset(token)
 
 
 @contextlib.contextmanager
@@ -134,27 +169,37 @@ def use_sequence_parallel(
     ulysses_size: int | None = None,
     implementation: str | None = None,
     layout: str = "contiguous",
+    *,
+    enabled: bool = True,
 ) -> Iterator[SequenceParallelOptions]:
-    """Set the sequence-parallel options read by models traced inside this context."""
+    """Set the sequence-parallel options read by models traced inside this context.
+
+    Part of jit's cache key (like `jax.set_mesh`): enter it around the jitted call, not
+    inside the traced function. enabled=False: dense attention even when the mesh has
+    sequence > 1.
+    """
     if mode not in ("auto", *MODES):
         raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    token = _OPTIONS.set(SequenceParallelOptions(mode, ulysses_size, implementation, layout))
-    try:
-        yield sequence_parallel_options()
-    finally:
-        _OPTIONS.reset(token)
+    options = SequenceParallelOptions(mode, ulysses_size, implementation, layout, bool(enabled))
+    with _options_context(options):
+        yield options
 
 
 def sequence_parallel_options() -> SequenceParallelOptions:
     """The options set by the innermost `use_sequence_parallel` (defaults outside one)."""
-    return _OPTIONS.get() or SequenceParallelOptions()
+    return _get_options() or SequenceParallelOptions()
 
 
-def sequence_parallel_size(mesh: Mesh | None, axis: str = "sequence") -> int:
-    """Size of `axis` in `mesh` (1 when there is no mesh or no such axis)."""
-    if mesh is None or axis not in mesh.axis_names:
+def sequence_parallel_size(mesh: Mesh | AbstractMesh | None = None, axis: str = "sequence") -> int:
+    """Devices that sequence-parallel attention spans: the size of `axis` in `mesh` (default:
+    the context mesh), or 1 with no mesh, no such axis, or `use_sequence_parallel(enabled=False)`.
+
+    Models run sequence-parallel attention exactly when this is > 1.
+    """
+    mesh = context_mesh() if mesh is None else mesh
+    if mesh is None or axis not in mesh.axis_names or not sequence_parallel_options().enabled:
         return 1
     return int(mesh.shape[axis])
 
@@ -174,11 +219,22 @@ def choose_mode(num_heads: int, sp: int, ulysses_size: int | None = None) -> tup
 # -- shard_map across jax versions ------------------------------------------------------------
 
 
-def _shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
-    """shard_map without replication checks (jax.shard_map or the experimental one)."""
+def shard_map(f: Callable, mesh: Mesh | AbstractMesh | None, in_specs, out_specs) -> Callable:
+    """`jax.shard_map(f, ...)` without replication checks, on every supported jax.
+
+    f is per-device code: it sees its shard of each argument (per `in_specs`) and returns its
+    shard of the result (per `out_specs`); inside it every mesh axis is manual, so
+    `constrain` is a no-op there. mesh: a `Mesh`, an `AbstractMesh` (inside jit), or None for
+    the context mesh (`jax.set_mesh`). Falls back to `jax.experimental.shard_map` on jax
+    without `jax.shard_map`; passes check_vma=False (check_rep=False on older jax).
+    """
     sm = getattr(jax, "shard_map", None)
     if sm is None:  # older jax
         from jax.experimental.shard_map import shard_map as sm
+    if mesh is None:
+        mesh = context_mesh()
+        if mesh is None:
+            raise ValueError("shard_map needs a mesh: pass one or set it with jax.set_mesh")
     params = inspect.signature(sm).parameters
     check = {"check_vma": False} if "check_vma" in params else {"check_rep": False}
     return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
@@ -187,7 +243,10 @@ def _shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
 def split_sequence_mesh(mesh: Mesh, axis: str, ulysses_size: int) -> tuple[Mesh, str, str]:
     """(mesh view, ring axis, Ulysses axis): `axis` of size R*U reshaped into [R, U].
 
-    Same devices in the same order; Ulysses groups are U consecutive devices of `axis`.
+    Same devices in the same order; Ulysses groups are U consecutive devices of `axis`. For
+    callers that want two sequence axes (`ring_axis=`, `ulysses_axis=`); "2d" with
+    `ulysses_size` does not build this view (it groups the devices of one axis in place), so
+    it works under JAX's mesh context, whose mesh a shard_map must match.
     """
     names = list(mesh.axis_names)
     i = names.index(axis)
@@ -204,18 +263,25 @@ def split_sequence_mesh(mesh: Mesh, axis: str, ulysses_size: int) -> tuple[Mesh,
 # -- ring attention (custom_vjp) --------------------------------------------------------------
 
 
-def _rotate(tree, axis_name: str, size: int):
-    """Send every leaf to the next device of the ring (device i -> i + 1)."""
-    perm = [(i, (i + 1) % size) for i in range(size)]
+def _rotate(tree, axis_name: str, size: int, stride: int = 1):
+    """Send every leaf to the next device of the ring.
+
+    The ring has `size` members spaced `stride` apart on `axis_name` (of size size * stride):
+    device i -> i + stride (mod size * stride); stride > 1 runs `stride` interleaved rings, one
+    per position inside the Ulysses groups of "2d".
+    """
+    n = size * stride
+    perm = [(i, (i + stride) % n) for i in range(n)]
     return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring(q, k, v, pos, seg, axis_name, size, causal, scale, implementation):
-    return _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring(q, k, v, pos, seg, axis_name, size, stride, causal, scale, implementation):
+    args = (axis_name, size, stride, causal, scale, implementation)
+    return _ring_fwd(q, k, v, pos, seg, *args)[0]
 
 
-def _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation):
+def _ring_fwd(q, k, v, pos, seg, axis_name, size, stride, causal, scale, implementation):
     fwd, _ = get_block_fns(implementation)
 
     def block(kv):
@@ -238,7 +304,7 @@ def _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation)
 
     def step(carry, _):
         out, lse, kv = carry
-        next_kv = _rotate(kv, axis_name, size)  # independent of this block's compute: overlaps
+        next_kv = _rotate(kv, axis_name, size, stride)  # independent of this block: overlaps
         out, lse = merge(out, lse, kv)
         return (out, lse, next_kv), None
 
@@ -247,7 +313,7 @@ def _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation)
     out, lse = block(kv)
     out = out.astype(jnp.float32)
     if size > 1:
-        kv = _rotate(kv, axis_name, size)
+        kv = _rotate(kv, axis_name, size, stride)
         if size > 2:
             (out, lse, kv), _ = lax.scan(step, (out, lse, kv), None, length=size - 2)
         out, lse = merge(out, lse, kv)
@@ -255,7 +321,7 @@ def _ring_fwd(q, k, v, pos, seg, axis_name, size, causal, scale, implementation)
     return out, (q, k, v, pos, seg, out, lse)
 
 
-def _ring_bwd(axis_name, size, causal, scale, implementation, res, dout):
+def _ring_bwd(axis_name, size, stride, causal, scale, implementation, res, dout):
     q, k, v, pos, seg, out, lse = res
     _, bwd = get_block_fns(implementation)
 
@@ -285,7 +351,7 @@ def _ring_bwd(axis_name, size, causal, scale, implementation, res, dout):
     def step(carry, _):
         kv, dq, dkv = carry
         dq, dkv = accumulate(kv, dq, dkv)
-        kv, dkv = _rotate((kv, dkv), axis_name, size)
+        kv, dkv = _rotate((kv, dkv), axis_name, size, stride)
         return (kv, dq, dkv), None
 
     kv = (k, v, pos, seg)
@@ -294,7 +360,7 @@ def _ring_bwd(axis_name, size, causal, scale, implementation, res, dout):
     if size > 1:
         (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), None, length=size - 1)
     dq, dkv = accumulate(kv, dq, dkv)
-    dk, dv = _rotate(dkv, axis_name, size) if size > 1 else dkv  # the P-th hop: home
+    dk, dv = _rotate(dkv, axis_name, size, stride) if size > 1 else dkv  # the P-th hop: home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -313,15 +379,16 @@ def ring_attention_shard(
     causal: bool,
     scale: float | None = None,
     implementation: str | None = None,
+    axis_stride: int = 1,
 ) -> Array:
     """Ring attention on one device's shard, inside shard_map over `axis_name`.
 
     q [B, T, Nq, H]; k, v [B, T, Nkv, H]: this device's tokens; positions int32 [T] their global
-    positions; segment_ids int32 [B, T] or None. Returns [B, T, Nq, H] in q.dtype.
+    positions; segment_ids int32 [B, T] or None. The ring is `axis_size` devices spaced
+    `axis_stride` apart on `axis_name` (see `_rotate`). Returns [B, T, Nq, H] in q.dtype.
     """
-    return _ring(
-        q, k, v, positions, segment_ids, axis_name, axis_size, causal, scale, implementation
-    )
+    args = (axis_name, axis_size, axis_stride, causal, scale, implementation)
+    return _ring(q, k, v, positions, segment_ids, *args)
 
 
 # -- static-mask ring (whole blocks, cuDNN or dense) -------------------------------------------
@@ -363,15 +430,16 @@ def _f32(x: Array) -> Array:
     return x.astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _static_ring(q, k, v, axis_name, size, kind, scale, implementation):
-    return _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _static_ring(q, k, v, axis_name, size, stride, kind, scale, implementation):
+    args = (axis_name, size, stride, kind, scale, implementation)
+    return _static_ring_fwd(q, k, v, *args)[0]
 
 
-def _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation):
+def _static_ring_fwd(q, k, v, axis_name, size, stride, kind, scale, implementation):
     fwd, _ = _static_block_fns(implementation)
     c = q.shape[1] // 2
-    rank = lax.axis_index(axis_name)
+    rank = lax.axis_index(axis_name) // stride
 
     def merge(out, lse, out_i, lse_i):
         return merge_partials(out, lse, _f32(out_i), lse_i)
@@ -404,7 +472,7 @@ def _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation):
 
     def step(carry, s):
         out, lse, kv = carry
-        next_kv = _rotate(kv, axis_name, size)  # independent of this block's compute: overlaps
+        next_kv = _rotate(kv, axis_name, size, stride)  # independent of this block: overlaps
         out, lse = visit(s, out, lse, kv)
         return (out, lse, next_kv), None
 
@@ -412,7 +480,7 @@ def _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation):
     out, lse = fwd(q, k, v, causal=kind != "full", scale=scale)
     out = _f32(out)
     if size > 1:
-        kv = _rotate(kv, axis_name, size)
+        kv = _rotate(kv, axis_name, size, stride)
         if size > 2:
             steps = jnp.arange(1, size - 1, dtype=jnp.int32)
             (out, lse, kv), _ = lax.scan(step, (out, lse, kv), steps)
@@ -421,11 +489,11 @@ def _static_ring_fwd(q, k, v, axis_name, size, kind, scale, implementation):
     return out, (q, k, v, out, lse)
 
 
-def _static_ring_bwd(axis_name, size, kind, scale, implementation, res, dout):
+def _static_ring_bwd(axis_name, size, stride, kind, scale, implementation, res, dout):
     q, k, v, out, lse = res
     _, bwd = _static_block_fns(implementation)
     c = q.shape[1] // 2
-    rank = lax.axis_index(axis_name)
+    rank = lax.axis_index(axis_name) // stride
 
     def add(acc, grads):
         return tuple(a + _f32(g) for a, g in zip(acc, grads))
@@ -464,17 +532,17 @@ def _static_ring_bwd(axis_name, size, kind, scale, implementation, res, dout):
 
     def step(carry, s):
         kv, dq, dkv = carry
-        next_kv = _rotate(kv, axis_name, size)  # KV does not depend on this step: overlaps
+        next_kv = _rotate(kv, axis_name, size, stride)  # KV does not depend on this step: overlaps
         dq, *dkv = visit(s, (dq, *dkv), kv)
-        return (next_kv, dq, _rotate(tuple(dkv), axis_name, size)), None
+        return (next_kv, dq, _rotate(tuple(dkv), axis_name, size, stride)), None
 
     if size > 1:
-        kv, dkv = _rotate(((k, v), (dk, dv)), axis_name, size)
+        kv, dkv = _rotate(((k, v), (dk, dv)), axis_name, size, stride)
         if size > 2:
             steps = jnp.arange(1, size - 1, dtype=jnp.int32)
             (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), steps)
         dq, dk, dv = visit(size - 1, (dq, *dkv), kv)
-        dk, dv = _rotate((dk, dv), axis_name, size)  # the P-th hop: home
+        dk, dv = _rotate((dk, dv), axis_name, size, stride)  # the P-th hop: home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -491,6 +559,7 @@ def static_ring_attention_shard(
     kind: str,
     scale: float | None = None,
     implementation: str = "cudnn",
+    axis_stride: int = 1,
 ) -> Array:
     """Ring attention whose steps are whole blocks with a static mask (inside shard_map).
 
@@ -498,14 +567,16 @@ def static_ring_attention_shard(
     `STATIC_KINDS`): "full" (bidirectional, any layout), "zigzag" (causal; the local
     sequence is [chunk r, chunk 2P-1-r] of the 2P chunks of the ring's sequence, each in
     position order; T even) or "contiguous" (causal; rank r holds the r-th contiguous
-    block). implementation: "cudnn" (GPU, bf16/fp16) or "dense" (pure JAX, anywhere).
-    Returns [B, T, Nq, H] in q.dtype.
+    block). implementation: "cudnn" (GPU, bf16/fp16) or "dense" (pure JAX, anywhere). The
+    ring is `axis_size` devices spaced `axis_stride` apart on `axis_name` (rank = axis index
+    // stride; see `_rotate`). Returns [B, T, Nq, H] in q.dtype.
     """
     if kind not in STATIC_KINDS:
         raise ValueError(f"unknown static ring kind {kind!r}; choose {STATIC_KINDS}")
     if kind == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"zigzag static ring needs an even local length, got {q.shape[1]}")
-    return _static_ring(q, k, v, axis_name, axis_size, kind, scale, implementation)
+    args = (axis_name, axis_size, axis_stride, kind, scale, implementation)
+    return _static_ring(q, k, v, *args)
 
 
 def _group_zigzag_order(local_len: int, ulysses_size: int) -> np.ndarray:
@@ -569,14 +640,19 @@ def _kv_repeat(num_heads: int, num_kv_heads: int, size: int) -> int:
     return size // math.gcd(num_kv_heads, size)
 
 
-def _seq_to_heads(x: Array, axis_name: str) -> Array:
-    """[B, T/U, N, H] sequence shard -> [B, T, N/U, H] head shard (all_to_all over the group)."""
-    return lax.all_to_all(x, axis_name, split_axis=2, concat_axis=1, tiled=True)
+def _seq_to_heads(x: Array, axis_name: str, groups=None) -> Array:
+    """[B, T/U, N, H] sequence shard -> [B, T, N/U, H] head shard (all_to_all over the group:
+    the whole axis, or each list of axis indices in `groups`)."""
+    return lax.all_to_all(
+        x, axis_name, split_axis=2, concat_axis=1, tiled=True, axis_index_groups=groups
+    )
 
 
-def _heads_to_seq(x: Array, axis_name: str) -> Array:
+def _heads_to_seq(x: Array, axis_name: str, groups=None) -> Array:
     """[B, T, N/U, H] head shard -> [B, T/U, N, H] sequence shard."""
-    return lax.all_to_all(x, axis_name, split_axis=1, concat_axis=2, tiled=True)
+    return lax.all_to_all(
+        x, axis_name, split_axis=1, concat_axis=2, tiled=True, axis_index_groups=groups
+    )
 
 
 def _local_attention(q, k, v, seg, *, causal, layout, sp, scale):
@@ -619,8 +695,8 @@ def sequence_parallel_attention(
     k: Array,
     v: Array,
     *,
-    mesh: Mesh,
-    mode: str,
+    mesh: Mesh | AbstractMesh | None = None,
+    mode: str = "auto",
     causal: bool,
     segment_ids: Array | None = None,
     ring_axis: str = "sequence",
@@ -641,8 +717,10 @@ def sequence_parallel_attention(
     (Ulysses when the query heads per device divide by the sequence size, else 2D with the
     largest Ulysses group they allow, else ring; see `choose_mode`). For "2d",
     either `ulysses_axis` names a second mesh axis (sequence sharded over (ring_axis,
-    ulysses_axis), Ulysses inner), or `ulysses_size` splits `ring_axis` into [ring, Ulysses]
-    with Ulysses groups of consecutive devices (see the module docstring).
+    ulysses_axis), Ulysses inner), or `ulysses_size` splits `ring_axis` into ring groups of
+    that many consecutive devices (see the module docstring).
+    mesh: a `Mesh`, or the `AbstractMesh` seen inside jit; default the context mesh
+    (`jax.set_mesh`).
     Batch is kept sharded over "data"/"fsdp" and heads over "tensor" when those axes divide.
     implementation: the ring's blocks. None: the static-mask ring when the case allows it (no
     segment ids; causal with a zigzag or contiguous layout, or bidirectional) with cuDNN
@@ -658,6 +736,9 @@ def sequence_parallel_attention(
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[2] % k.shape[2]:
         raise ValueError(f"need q [B,S,Nq,H], k/v [B,S,Nkv,H], Nq % Nkv == 0: {q.shape} {k.shape}")
+    mesh = context_mesh() if mesh is None else mesh
+    if mesh is None:
+        raise ValueError("no mesh: pass mesh= or set one with jax.set_mesh(mesh)")
     if ring_axis not in mesh.axis_names:
         raise ValueError(f"mesh axes {mesh.axis_names} have no sequence axis {ring_axis!r}")
     b, s, nq, _ = q.shape
@@ -668,20 +749,31 @@ def sequence_parallel_attention(
         mode, size = choose_mode(local_heads, int(mesh.shape[ring_axis]), ulysses_size)
         ulysses_size = size if mode == "2d" else None
 
-    r_axis: str | None = ring_axis
-    u_axis: str | None = None
+    # The ring: (axis, members, stride); Ulysses: (axis, group size, axis index groups).
+    ring: tuple[str, int, int] | None = None
+    uly: tuple[str, int, list[list[int]] | None] | None = None
+    seq_axes: tuple[str, ...] = (ring_axis,)
+    p_ring = int(mesh.shape[ring_axis])
     if mode == "ulysses":
-        r_axis, u_axis = None, ring_axis
-    elif mode == "2d":
-        if ulysses_axis is not None:
-            u_axis = ulysses_axis
-        else:
-            if ulysses_size is None:
-                raise ValueError("mode '2d' needs ulysses_size (or a mesh with ulysses_axis)")
-            mesh, r_axis, u_axis = split_sequence_mesh(mesh, ring_axis, ulysses_size)
-    seq_axes = tuple(a for a in (r_axis, u_axis) if a is not None)
-    sizes = {a: int(mesh.shape[a]) for a in seq_axes}
-    sp = math.prod(sizes.values())
+        uly = (ring_axis, p_ring, None)
+    elif mode == "ring":
+        ring = (ring_axis, p_ring, 1)
+    elif ulysses_axis is not None:  # "2d" over two mesh axes, Ulysses inner
+        if ulysses_axis not in mesh.axis_names:
+            raise ValueError(f"mesh axes {mesh.axis_names} have no Ulysses axis {ulysses_axis!r}")
+        ring = (ring_axis, p_ring, 1)
+        uly = (ulysses_axis, int(mesh.shape[ulysses_axis]), None)
+        seq_axes = (ring_axis, ulysses_axis)
+    else:  # "2d" inside one axis: Ulysses groups of U consecutive devices, R interleaved rings
+        if ulysses_size is None:
+            raise ValueError("mode '2d' needs ulysses_size (or a mesh with ulysses_axis)")
+        u = int(ulysses_size)
+        if u < 1 or p_ring % u:
+            raise ValueError(f"ulysses_size={ulysses_size} does not divide {ring_axis}={p_ring}")
+        groups = [list(range(g * u, (g + 1) * u)) for g in range(p_ring // u)]
+        ring = (ring_axis, p_ring // u, u)
+        uly = (ring_axis, u, groups if p_ring // u > 1 else None)
+    sp = math.prod(int(mesh.shape[a]) for a in seq_axes)
     if s % sp:
         raise ValueError(f"sequence length {s} is not divisible by the {sp} sequence devices")
     positions = jnp.asarray(layout_positions(s, sp, layout))
@@ -693,35 +785,36 @@ def sequence_parallel_attention(
     has_seg = segment_ids is not None
     seg_in = segment_ids.astype(jnp.int32) if has_seg else jnp.zeros((b, s), jnp.int32)
     static_kind, blocks = (None, implementation)
-    if r_axis is not None:
+    if ring is not None:
         static_kind, blocks = _resolve_ring(implementation, q.dtype, causal, layout, has_seg)
 
     def body(q, k, v, pos, seg):
         seg = seg if has_seg else None
-        if u_axis is not None:
-            u = sizes[u_axis]
+        if uly is not None:
+            u_axis, u, groups = uly
             rep = _kv_repeat(q.shape[2], k.shape[2], u)
             if rep > 1:
                 k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-            q, k, v = (_seq_to_heads(x, u_axis) for x in (q, k, v))
-            pos = lax.all_gather(pos, u_axis, axis=0, tiled=True)
+            q, k, v = (_seq_to_heads(x, u_axis, groups) for x in (q, k, v))
+            pos = lax.all_gather(pos, u_axis, axis=0, tiled=True, axis_index_groups=groups)
             if seg is not None:
-                seg = lax.all_gather(seg, u_axis, axis=1, tiled=True)
-        if r_axis is None:
+                seg = lax.all_gather(seg, u_axis, axis=1, tiled=True, axis_index_groups=groups)
+        if ring is None:
             out = _local_attention(q, k, v, seg, causal=causal, layout=layout, sp=sp, scale=scale)
         elif static_kind is not None:
             # After the Ulysses all_to_all the local sequence is the ring group's; in the zigzag
             # layout it is reordered into the ring's [chunk g, chunk 2R-1-g] halves and back.
             order = None
-            if static_kind == "zigzag" and u_axis is not None and sizes[u_axis] > 1:
-                order = _group_zigzag_order(q.shape[1], sizes[u_axis])
+            if static_kind == "zigzag" and uly is not None and uly[1] > 1:
+                order = _group_zigzag_order(q.shape[1], uly[1])
                 q, k, v = (jnp.take(x, order, axis=1) for x in (q, k, v))
             out = static_ring_attention_shard(
                 q,
                 k,
                 v,
-                axis_name=r_axis,
-                axis_size=sizes[r_axis],
+                axis_name=ring[0],
+                axis_size=ring[1],
+                axis_stride=ring[2],
                 kind=static_kind,
                 scale=scale,
                 implementation=blocks,
@@ -735,17 +828,18 @@ def sequence_parallel_attention(
                 v,
                 pos,
                 seg,
-                axis_name=r_axis,
-                axis_size=sizes[r_axis],
+                axis_name=ring[0],
+                axis_size=ring[1],
+                axis_stride=ring[2],
                 causal=causal,
                 scale=scale,
                 implementation=blocks,
             )
-        if u_axis is not None:
-            out = _heads_to_seq(out, u_axis)
+        if uly is not None:
+            out = _heads_to_seq(out, uly[0], uly[2])
         return out
 
-    fn = _shard_map(
+    fn = shard_map(
         body,
         mesh,
         in_specs=(x_spec, x_spec, x_spec, P(s_spec), seg_spec),

@@ -38,7 +38,6 @@ import optax
 from flax import nnx
 
 from jaxstack.models.nvila_connector import merge_multimodal
-from jaxstack.parallel.mesh import use_mesh
 from jaxstack.rl.losses import (
     PolicyLossConfig,
     dynamic_sampling_keep,
@@ -469,14 +468,13 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
     ids, pmask = pad_prompts(ids_list, pad_id=tok.pad_id, bucket=rcfg.length_bucket)
     ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
     embeds = setup.prompt_fn(params, ids, video)
-    with use_mesh(None):
-        res = rollout(
-            setup.llm_with(params),
-            inputs_embeds=embeds,
-            input_mask=pmask,
-            cfg=rcfg,
-            rng=jax.random.fold_in(setup.key, i),
-        )
+    res = rollout(
+        setup.llm_with(params),
+        inputs_embeds=embeds,
+        input_mask=pmask,
+        cfg=rcfg,
+        rng=jax.random.fold_in(setup.key, i),
+    )
     tokens, lengths, pidx = jax.device_get((res.tokens, res.lengths, res.prompt_index))
     texts = [decode_response(tok, row[:n]) for row, n in zip(tokens, lengths)]
     rewards, parts = score(texts, [recs[j] for j in pidx], cfg.reward)
@@ -505,6 +503,10 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
         prompt_index=res.prompt_index,
         advantages=adv,
     )
+    if setup.mesh is not None:  # the update runs on the mesh: the batch is replicated there
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch = jax.device_put(batch, NamedSharding(setup.mesh, PartitionSpec()))
     info = dict(rewards=rewards, parts=parts, lengths=lengths, keep=keep, texts=texts)
     return batch, info
 
@@ -561,16 +563,15 @@ def build_rl_job(cfg: RLJobConfig, mesh) -> LoopParts:
                 return json.load(f)["accuracy"]
         if not setup.held:
             return None
-        with use_mesh(None):
-            res = evaluate_video_qa(
-                model,
-                tok,
-                setup.held,
-                setup.vspec,
-                batch=cfg.eval_batch,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                loader=setup.loader,
-            )
+        res = evaluate_video_qa(
+            model,
+            tok,
+            setup.held,
+            setup.vspec,
+            batch=cfg.eval_batch,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            loader=setup.loader,
+        )
         write_json(path, res)
         if main:
             print(f"held-out accuracy ({tag}): {res['accuracy']:.3f}, per task {res['per_task']}")

@@ -1,7 +1,7 @@
 """Train a diffusion LLM on a task with checkable answers, then compare Fast-dLLM samplers.
 
 `jaxstack train-dllm [CONFIG] [k=v]` (`run_dllm_train(cfg)`) trains a LLaDA-style model with
-the masked-diffusion SFT objective (`jaxstack.models.dllm.diffusion_loss_sums`: prompt never
+the masked-diffusion SFT objective (`jaxstack.train.losses.diffusion_loss_sums`: prompt never
 masked, loss per answer token weighted by 1/p_mask) on a synthetic task with checkable answers
 (`data.task`: "sort" -- `jaxstack.data.synthetic.make_sorting_record` -- or "add", fixed-width
 addition; every prompt and answer has a fixed length, so batches need no padding and generation
@@ -33,12 +33,13 @@ import numpy as np
 from flax import nnx
 
 from jaxstack.data import synthetic
-from jaxstack.models.dllm import DLLMConfig, make_diffusion_loss
+from jaxstack.models.dllm import DLLMConfig
 from jaxstack.models.llm import LLM
 from jaxstack.parallel.mesh import init_sharded
 from jaxstack.train import metrics as metrics_lib
 from jaxstack.train import step as step_lib
 from jaxstack.train.loop import LoopParts, RunConfig, run_loop, write_json
+from jaxstack.train.losses import make_diffusion_loss
 from jaxstack.train.sections import DTYPES, NumericsSection
 from jaxstack.train.step import OptimConfig
 

@@ -19,13 +19,13 @@ import os
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxstack.models.vlm import NVILA, VLMConfig
-from jaxstack.parallel.mesh import init_sharded, use_mesh
+from jaxstack.parallel.mesh import init_sharded
 from jaxstack.train import step as step_lib
 from jaxstack.train.loop import LoopParts, RunConfig, run_loop, write_json
+from jaxstack.train.losses import vlm_loss_sums
 from jaxstack.train.sections import DTYPES, NumericsSection
 from jaxstack.train.step import OptimConfig
 from jaxstack.train.video_qa import VideoDataSection, ensure_dataset, evaluate_video_qa
@@ -103,19 +103,6 @@ def build_vlm(cfg: VLMModelSection, vocab_size: int, mesh, seed: int) -> NVILA:
     return model
 
 
-def vlm_loss_sums(model: NVILA, batch: dict, *, logits_chunk: int = 1024):
-    """(sum of masked token NLL, loss-token count): clips -> video rows spliced at placeholders.
-
-    batch: input_ids/targets int32 [B, T], loss_mask bool [B, T], frames float [B, F, S, S, 3].
-    """
-    media = model.encode_videos(batch["frames"])
-    embeds = model.embed_prompt(batch["input_ids"], media.reshape(-1, media.shape[-1]))
-    hidden = model.llm.hidden_states(inputs_embeds=embeds)
-    nll = step_lib.chunked_token_nll(model.llm.logits, hidden, batch["targets"], logits_chunk)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 def build_vlm_sft(cfg: VLMSFTConfig, mesh) -> LoopParts:
     """The VLM SFT job's parts for `run_loop`: NVILA, video-QA batches (bad videos skipped and
     counted across resumes), the token-sum loss over the trainable params (all, or all but the
@@ -168,10 +155,9 @@ def build_vlm_sft(cfg: VLMSFTConfig, mesh) -> LoopParts:
         extra: dict[str, Any] = {"model_dir": model_dir, "skipped_videos": data.skipped}
         if cfg.eval > 0 and os.path.isfile(eval_path):
             held = read_video_qa(eval_path)[: cfg.eval]
-            with use_mesh(None):
-                result = evaluate_video_qa(
-                    model, tok, held, video, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens
-                )
+            result = evaluate_video_qa(
+                model, tok, held, video, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens
+            )
             write_json(os.path.join(out, "eval.json"), result)
             extra["eval_accuracy"] = result["accuracy"]
             extra["eval_format_rate"] = result["format_rate"]
