@@ -54,8 +54,14 @@ def _reference(kind: str, rule: str):
     """(model, prompt, reference sequences, reference NFE) for one kind and rule."""
     model = tiny_model(kind, seed=2)
     prompt = _prompt(3, 5)
+    ref, nfe = _run_reference(model, prompt, kind, **RULES[rule])
+    return model, prompt, ref, nfe
+
+
+def _run_reference(model, prompt, kind: str, **rule):
+    """The reference sampler on the parity cases' settings with a decoding `rule`."""
     with jax.enable_x64(True):
-        ref, nfe = reference_generate(
+        return reference_generate(
             jit_forward(model),
             prompt,
             gen_length=GEN,
@@ -64,9 +70,8 @@ def _reference(kind: str, rule: str):
             temperature=TEMPERATURE[kind],
             kind=kind,
             seed=3,
-            **RULES[rule],
+            **rule,
         )
-    return model, prompt, ref, nfe
 
 
 @pytest.mark.parametrize(
@@ -112,18 +117,7 @@ def test_factor_case_discriminates(kind):
     """The factor parity case above tells the factor rule from a fixed threshold of 0.9 (the
     reference with threshold=0.9 decodes other tokens, one per step)."""
     model, prompt, ref, ref_nfe = _reference(kind, "factor")
-    with jax.enable_x64(True):
-        fixed, fixed_nfe = reference_generate(
-            jit_forward(model),
-            prompt,
-            gen_length=GEN,
-            block_length=BK,
-            steps=GEN,
-            temperature=TEMPERATURE[kind],
-            kind=kind,
-            seed=3,
-            threshold=0.9,
-        )
+    fixed, fixed_nfe = _run_reference(model, prompt, kind, threshold=0.9)
     assert fixed_nfe == GEN > ref_nfe
     assert (fixed != ref).any()
 
