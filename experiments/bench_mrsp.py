@@ -31,8 +31,7 @@ Medians of --iters steps per mode (experiments/timing.py); the first mode of a f
 
 Known limits of the product at long clips (reported in the JSON, not worked around here): the
 rollout prefills the whole prompt in one call (build_rl sets no RolloutConfig.prefill_chunk),
-`rl_batch` always passes a prompt mask (dense [R, 1, T, T] attention mask in the log-prob passes
-and the update, not the causal fast path), and the update has no row micro-batching
+and the update has no row micro-batching
 (`trainer.make_update` passes no grad_accum: all P*G rows of a minibatch in one
 forward/backward). A phase that runs out of memory is recorded as
 "oom" with its phase.
@@ -313,7 +312,6 @@ def main(argv=None) -> int:
         },
         "product_limits": [
             "rollout prefill in one call (build_rl sets no RolloutConfig.prefill_chunk)",
-            "rl_batch passes a prompt mask: dense attention mask in log-prob passes and update",
             "no row micro-batching in the update: trainer.make_update passes no grad_accum to"
             " step.make_update (all P*G rows of a minibatch in one forward/backward)",
         ],

@@ -43,7 +43,6 @@ from flax import nnx
 
 from jaxstack.generate import engine
 from jaxstack.generate.sampling import token_logprobs
-from jaxstack.models.llm import positions_from
 
 Array = jax.Array
 
@@ -219,8 +218,8 @@ def sequence_logprobs(
     """Per-token log-probs float32 [R, N] of responses under the model (one full forward).
 
     prompt_ids int [B, T] or prompt_embeds [B, T, D]: left-padded prompts (exactly one);
-      prompt_mask bool [B, T], True on real positions; None means no left padding (every
-      prompt is T tokens long), which runs the causal fast path (see below).
+      prompt_mask bool [B, T], True on real positions (left padding: False then True); None
+      means no padding (every prompt is T tokens long).
     response_tokens int [R, N], right padded (any pad id); response_mask bool [R, N], True on
       the tokens to score (a prefix of each row); prompt_index int [R]: each response's prompt
       row (`RolloutResult.prompt_index`).
@@ -229,14 +228,14 @@ def sequence_logprobs(
 
     Runs [prompt ; response[:, :-1]] (T + N - 1 columns) through `model.hidden_states` and
     computes logits only for the N response-predicting positions, never [R, T + N, V].
-    With a prompt_mask it passes the padding mask (a dense [R, 1, T + N - 1, T + N - 1] mask,
-    dense XLA attention) and RoPE positions counted over real tokens only (left padding does
-    not shift them; response token j sits at position prompt_length + j). With prompt_mask
-    None it passes neither: positions are 0 .. T + N - 2 and attention takes the model's
-    causal path (cuDNN flash attention on GPU, sequence parallel on a `sequence` mesh), which
-    long (video) prompts need; the response padding after each row's end is not masked, but
-    under causal attention it cannot reach the scored positions before it. Either way the
-    log-probs match `rollout`'s on the same prompts. Returns 0 where response_mask is False.
+    Attention always takes the model's causal path (cuDNN flash attention on GPU, sequence
+    parallel on a `sequence` mesh), never a dense [T, T] mask, which long (video) prompts
+    cannot afford: with a prompt_mask each row is rotated so that its left padding moves to
+    the end ([real prompt ; response ; padding]), where causal attention keeps it from reaching
+    any scored position; positions are then 0 .. for the real tokens, as in `rollout` (response
+    token j sits at position prompt_length + j). The response padding after each row's end is
+    likewise unmasked and harmless. Either way the log-probs match `rollout`'s on the same
+    prompts. Returns 0 where response_mask is False.
     Pure and differentiable w.r.t. the model's parameters: call it inside `nnx.jit` /
     `nnx.value_and_grad`.
     """
@@ -254,14 +253,18 @@ def sequence_logprobs(
     safe = jnp.where(r_mask, jnp.clip(tokens, 0, model.cfg.vocab_size - 1), 0)
     # The last response token predicts nothing we score: feed T + N - 1 columns.
     embeds = jnp.concatenate([prompt, model.embed(safe[:, :-1]).astype(prompt.dtype)], axis=1)
-    if prompt_mask is None:  # no left padding: the causal fast path, no dense mask
-        hidden = model.hidden_states(inputs_embeds=embeds)
-    else:
-        p_mask = jnp.take(jnp.asarray(prompt_mask, bool), prompt_index, axis=0)
-        mask = jnp.concatenate([p_mask, r_mask[:, :-1]], axis=1)
-        positions = positions_from(mask.shape[0], mask.shape[1], None, mask)
-        hidden = model.hidden_states(inputs_embeds=embeds, positions=positions, input_mask=mask)
     # Column T - 1 + j (the last prompt token, then response token j - 1) predicts token j.
-    logits = model.logits(hidden[:, t - 1 : t - 1 + n])  # [R, N, V]
+    if prompt_mask is None:  # no left padding
+        hidden = model.hidden_states(inputs_embeds=embeds)[:, t - 1 : t - 1 + n]
+    else:  # rotate row r left by its pad count: [real prompt ; response[:-1] ; padding]
+        p_mask = jnp.take(jnp.asarray(prompt_mask, bool), prompt_index, axis=0)
+        pad = t - jnp.sum(p_mask, axis=1, dtype=jnp.int32)  # [R]
+        cols = jnp.arange(embeds.shape[1], dtype=jnp.int32)
+        src = (cols[None, :] + pad[:, None]) % embeds.shape[1]
+        embeds = jnp.take_along_axis(embeds, src[:, :, None], axis=1)
+        hidden = model.hidden_states(inputs_embeds=embeds)
+        at = jnp.maximum(t - 1 - pad, 0)[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+        hidden = jnp.take_along_axis(hidden, at[:, :, None], axis=1)
+    logits = model.logits(hidden)  # [R, N, V]
     logp = token_logprobs(logits, safe, temperature=temperature)
     return jnp.where(r_mask, logp, 0.0)
