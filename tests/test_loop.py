@@ -235,3 +235,18 @@ def test_cli_second_job_on_a_running_directory_fails_at_once(tmp_path) -> None:
 def test_config_loads_with_run_section_fields() -> None:
     cfg = load_config(QuadConfig, None, ["steps=3", "lr=0.5"])
     assert cfg.steps == 3 and cfg.lr == 0.5 and cfg.resolved().output_dir.endswith("quad")
+
+
+def test_an_optimizer_built_without_total_steps_spans_the_run() -> None:
+    """`TrainJobConfig(steps=1000, optim=OptimConfig(lr=...))`: the cosine ends at step 1000,
+    not at a default length; standalone, the default keeps lr after warmup."""
+    from jaxstack.train.step import OptimConfig, learning_rate_schedule
+    from jaxstack.train.trainer import TrainJobConfig
+
+    cfg = TrainJobConfig(steps=1000, optim=OptimConfig(lr=1e-3, warmup_steps=10)).resolved()
+    assert cfg.optim.total_steps == 1000
+    lr = learning_rate_schedule(cfg.optim)
+    assert float(lr(100)) > 0.9e-3 > float(lr(900)) > float(lr(1000)) == pytest.approx(1e-4)
+    standalone = learning_rate_schedule(OptimConfig(lr=1e-3, warmup_steps=10))
+    assert float(standalone(0)) == pytest.approx(1e-4)
+    assert float(standalone(10)) == float(standalone(10_000)) == pytest.approx(1e-3)

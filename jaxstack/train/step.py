@@ -25,12 +25,17 @@ Batch = dict[str, Array]
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`."""
+    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio` at `total_steps`.
+
+    total_steps = 0 (the default) means "the job's steps": the loop fills it in
+    (`jaxstack.train.loop.RunConfig.resolved`), so the cosine spans the run; used outside a job,
+    0 keeps the learning rate at `lr` after warmup.
+    """
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
-    total_steps: int = 100
+    total_steps: int = 0
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -55,6 +60,10 @@ class OptimConfig:
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.total_steps == 0:  # no decay: linear warmup, then constant
+        return optax.linear_schedule(
+            cfg.lr / max(cfg.warmup_steps, 1), cfg.lr, max(cfg.warmup_steps, 1)
+        )
     return optax.warmup_cosine_decay_schedule(
         init_value=cfg.lr / max(cfg.warmup_steps, 1),  # the first update already moves
         peak_value=cfg.lr,
@@ -64,7 +73,7 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     )
 
 
-def _decay_mask(params: nnx.State) -> nnx.State:
+def weight_decay_mask(params: nnx.State) -> nnx.State:
     """Weight decay on matrices only (not on norms or biases)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
@@ -78,7 +87,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
+            mask=weight_decay_mask,
         ),
     )
 
