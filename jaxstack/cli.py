@@ -18,9 +18,13 @@ status 2; set JAXSTACK_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+
+# Files that make a folder a Hugging Face tokenizer (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _job_config(cls, overrides_in: Sequence[str]):
@@ -114,6 +118,44 @@ def _train_dllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_checkpoint(path: str, *, dllm: bool) -> None:
+    """Raise CheckpointError unless `path` has a config.json of a supported architecture."""
+    from jaxstack.hf import config_from_hf
+    from jaxstack.hf.dllm import dllm_config_from_hf
+    from jaxstack.hf.llm_config import read_hf_config
+
+    parse = dllm_config_from_hf if dllm else config_from_hf
+    parse(read_hf_config(path), source=os.path.join(path, "config.json"))
+
+
+def _tokenizer_spec(model_dir: str, tokenizer: str | None) -> str:
+    """--tokenizer if given; else the model folder if it holds tokenizer files; else the
+    tokenizer a jaxstack training job recorded there (one with no HF files, e.g. "byte")."""
+    if tokenizer:
+        return tokenizer
+    if any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return model_dir
+    from jaxstack.train.trainer import TOKENIZER_RECORD
+
+    record = os.path.join(model_dir, TOKENIZER_RECORD)
+    if not os.path.isfile(record):
+        raise FileNotFoundError(
+            f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
+            "pass --tokenizer DIR (a tokenizer folder) or --tokenizer byte"
+        )
+    with open(record, encoding="utf-8") as f:
+        data = json.load(f)
+    spec = data.get("tokenizer") if isinstance(data, dict) else None
+    if not isinstance(spec, str):
+        raise ValueError(f'{record}: expected {{"tokenizer": NAME}}; pass --tokenizer')
+    print(
+        f"note: {model_dir} has no tokenizer files; its training job used the {spec!r} "
+        f"tokenizer, which has none (recorded in {TOKENIZER_RECORD}): using it",
+        file=sys.stderr,
+    )
+    return spec
+
+
 def _generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
@@ -124,8 +166,8 @@ def _generate(args: argparse.Namespace) -> int:
     from jaxstack.parallel.mesh import make_mesh
 
     initialize()
-    tok_spec = args.tokenizer or args.model
-    tokenizer = load_tokenizer(tok_spec)
+    _check_checkpoint(args.model, dllm=args.dllm)  # before the tokenizer: clear errors first
+    tokenizer = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     prompts = list(args.prompt)
@@ -231,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a transformers checkpoint")
     gen.add_argument("--model", required=True, help="transformers checkpoint directory")
-    gen.add_argument("--tokenizer", default=None, help='"byte" or a tokenizer dir (default: model)')
+    gen.add_argument(
+        "--tokenizer",
+        default=None,
+        help='"byte" or a tokenizer dir (default: the model dir, or the tokenizer its '
+        "training job recorded there)",
+    )
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     gen.add_argument("--prompts-file", default=None, help="one prompt per line")
     gen.add_argument("--max-new-tokens", type=int, default=64)

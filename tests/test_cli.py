@@ -128,3 +128,45 @@ def test_presets_build_abstractly():
         lambda: init_llm(LLMConfig.preset("qwen2.5-7b"), dtype=jnp.bfloat16)
     )  # no memory: shapes only
     assert model.layers[0].mlp.gate_proj.kernel.shape == (3584, 18944)
+
+
+def _copy_checkpoint(src, dst, **config_updates):
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config.update(config_updates)
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    return dst
+
+
+def test_generate_without_tokenizer_files_says_pass_tokenizer(tmp_path, tiny_checkpoint):
+    proc = run_cli("generate", "--model", str(tiny_checkpoint), "--prompt", "hi")
+    assert_one_line_error(proc, "has no tokenizer files")
+    assert "--tokenizer" in proc.stderr and "prompt 0 is empty" not in proc.stderr
+
+
+def test_generate_unsupported_architecture_checked_before_tokenizer(tmp_path, tiny_checkpoint):
+    # transformers builds (or fails to build) a tokenizer from a bare Mistral config.json: the
+    # architecture must be refused first, not reported as a tokenizer problem.
+    bad = _copy_checkpoint(tiny_checkpoint, tmp_path / "mistral",
+                           architectures=["MistralForCausalLM"], model_type="mistral")  # fmt: skip
+    proc = run_cli("generate", "--model", str(bad), "--prompt", "hi")  # no --tokenizer
+    assert_one_line_error(proc, "unsupported architecture ['MistralForCausalLM']")
+
+
+def test_generate_uses_the_byte_tokenizer_a_training_job_recorded(tmp_path, tiny_checkpoint):
+    from jaxstack.train.trainer import TOKENIZER_RECORD
+
+    export = _copy_checkpoint(tiny_checkpoint, tmp_path / "hf")
+    (export / TOKENIZER_RECORD).write_text(json.dumps({"tokenizer": "byte"}))
+    proc = run_cli("generate", "--model", str(export), "--prompt", "hi", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("hi")
+    assert "has no tokenizer files" in proc.stderr and "'byte'" in proc.stderr
+
+
+def test_generate_beyond_max_positions_is_one_line_error(tmp_path, tiny_checkpoint):
+    short = _copy_checkpoint(tiny_checkpoint, tmp_path / "short", max_position_embeddings=8)
+    proc = run_cli("generate", "--model", str(short), "--tokenizer", "byte",
+                   "--prompt", "hello", "--max-new-tokens", "4")  # fmt: skip
+    assert_one_line_error(proc, "max_position_embeddings=8")

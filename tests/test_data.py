@@ -293,3 +293,30 @@ def test_sft_batches_process_shards_and_errors(records):
     long = [{"prompt": "x" * 100, "response": "y"}] + records[:50]
     ds = SFTBatches(long, tok, batch_size=2, seq_len=64)
     assert ds.stats["skipped_no_target"] == 1 and ds.stats["truncated"] == 0
+
+
+def test_read_jsonl_error_positions_utf8_and_bom(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode()
+    path = tmp_path / "e.jsonl"
+    # A line cut short: the error sits just past its end (column 8 of line 2), not "column 1".
+    path.write_bytes(good + b'\n{"a": 1\n')
+    with pytest.raises(
+        ValueError, match=r"e\.jsonl:2: bad JSON \(Expecting ',' delimiter at column 8\)"
+    ):
+        read_jsonl(path)
+    path.write_bytes(good + b"\r\n" + good + b'\r\n{"prompt": "p",, }\r\n')
+    with pytest.raises(ValueError, match=r"e\.jsonl:3: bad JSON .* at column 16\)"):
+        read_jsonl(path)
+    # Invalid UTF-8: one line naming file and line, not a raw UnicodeDecodeError.
+    path.write_bytes(good + b"\n" + good + b'\n{"prompt": "\xff", "response": "r"}\n')
+    with pytest.raises(ValueError, match=r"e\.jsonl:3: not valid UTF-8 \(byte 0xff at byte 13"):
+        read_jsonl(path)
+    # A UTF-8 BOM at the start of the file is accepted (and only there).
+    path.write_bytes(b'\xef\xbb\xbf{"text": "\xc3"}\n')
+    with pytest.raises(ValueError, match=r"e\.jsonl:1: not valid UTF-8 \(byte 0xc3 at byte 14"):
+        read_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"\n")
+    assert read_jsonl(path) == [{"prompt": "p", "response": "r"}] * 2
+    path.write_bytes(good + b"\n\xef\xbb\xbf" + good + b"\n")
+    with pytest.raises(ValueError, match=r"e\.jsonl:2: bad JSON"):
+        read_jsonl(path)

@@ -411,3 +411,10 @@ def test_bad_inputs_raise():
     ids, mask = pad_prompts([[5, 6, 7], [8]], bucket=4)
     np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8]])
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+
+
+def test_prompt_plus_new_tokens_beyond_max_positions_raises():
+    model = nnx.eval_shape(lambda: init_llm(LLMConfig(max_position_embeddings=16)))
+    msg = r"prompt 1 \(12 tokens\) plus max_new_tokens=5 needs 17 positions, .*embeddings=16:"
+    with pytest.raises(ValueError, match=msg):
+        generate(model, [[1] * 10, [1] * 12], max_new_tokens=5)

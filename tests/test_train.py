@@ -233,3 +233,30 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
     with MetricsLogger(path, enabled=False) as log:  # not process 0: writes nothing
         log.log(5, loss=1.0)
     assert len(read_metrics(path)) == 4
+
+
+def test_byte_tokenizer_export_records_the_tokenizer(straight):
+    """The byte tokenizer has no HF files: hf/ records it for `jaxstack generate`."""
+    from jaxstack.train.trainer import TOKENIZER_RECORD
+
+    cfg, _ = straight
+    with open(os.path.join(cfg.output_dir, "hf", TOKENIZER_RECORD)) as f:
+        assert json.load(f) == {"tokenizer": "byte"}
+
+
+def test_seq_len_beyond_max_positions_warns_once(tmp_path):
+    import warnings
+
+    from jaxstack.hf import save_model
+    from jaxstack.models.llm import init_llm
+    from jaxstack.train.trainer import build_train
+
+    ckpt = str(tmp_path / "ckpt")
+    save_model(init_llm(LLMConfig(vocab_size=263, max_position_embeddings=16), seed=0), ckpt)
+    cfg = _config(tmp_path, "long", f"model.name={ckpt}", "mesh=", "data.num_records=64")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_train(cfg.resolved(), make_mesh(None))
+    hits = [w for w in caught if "max_position_embeddings" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in caught]
+    assert "data.seq_len=32" in str(hits[0].message) and "=16" in str(hits[0].message)

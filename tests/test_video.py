@@ -233,3 +233,16 @@ def test_synth_rejects_bad_args(tmp_path):
         synth(tmp_path, 2, size=63)
     with pytest.raises(ValueError):
         synth(tmp_path, 0)
+
+
+def test_synth_rewrite_removes_its_old_clips_only(tmp_path):
+    synth(tmp_path, 5, frames=4, size=16)
+    videos = tmp_path / "videos"
+    (videos / "mine.mp4").write_bytes(b"user clip")  # not the synth-<id>.mp4 pattern: kept
+    (videos / "synth-notes.txt").write_text("user notes")
+    synth(tmp_path, 2, frames=4, size=16)
+    names = sorted(p.name for p in videos.iterdir())
+    assert names == ["mine.mp4", "synth-00000.mp4", "synth-00001.mp4", "synth-notes.txt"]
+    used = {json.loads(line)["video"] for s in ("train", "eval")
+            for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()}  # fmt: skip
+    assert used == {"videos/synth-00000.mp4", "videos/synth-00001.mp4"}

@@ -39,20 +39,32 @@ BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a JSONL file; each needs string fields "prompt" and "response", or "text".
 
-    Blank lines are skipped. Raises ValueError naming file and line for bad JSON, a line that
-    is not an object, or missing/non-string fields; FileNotFoundError if the file is missing.
+    Lines end at "\n" ("\r\n" too); a UTF-8 BOM at the start of the file is skipped. Blank
+    lines are skipped. Raises ValueError naming file and line (1-based, and the 1-based column
+    for bad JSON) for bad JSON, invalid UTF-8, a line that is not an object, or
+    missing/non-string fields; FileNotFoundError if the file is missing.
     """
     path = os.fspath(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # binary: split on "\n" only and decode line by line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                at = e.start + len(raw) - len(e.object)  # utf-8-sig reports past the BOM
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[at]:02x} at byte {at + 1} "
+                    "of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
+                # e.pos indexes `line`, which has no newline: column = pos + 1 (json's own
+                # colno restarts at 1 when the error sits past a trailing newline)
                 raise ValueError(
-                    f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})"
+                    f"{path}:{lineno}: bad JSON ({e.msg} at column {e.pos + 1})"
                 ) from None
             if not isinstance(rec, dict):
                 raise ValueError(

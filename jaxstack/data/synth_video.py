@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -54,6 +55,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 WHITE = (255, 255, 255)
 DIRECTIONS = ("left", "right", "up", "down")
 CODEC = "mpeg4"
+CLIP_NAME = re.compile(r"synth-\d{5,}\.mp4")  # the clips this module writes: videos/<id>.mp4
 
 _COLOR_Q = {
     "first": (
@@ -226,6 +228,14 @@ def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _remove_stale_clips(videos_dir: str, keep: set[str]) -> None:
+    """Delete this module's clips (CLIP_NAME) in videos_dir that are not in `keep`."""
+    for name in os.listdir(videos_dir):
+        path = os.path.join(videos_dir, name)
+        if CLIP_NAME.fullmatch(name) and name not in keep and os.path.isfile(path):
+            os.remove(path)
+
+
 def synth_video_dataset(
     out_dir: str | os.PathLike,
     num: int,
@@ -239,7 +249,9 @@ def synth_video_dataset(
     """Write `num` clips to out_dir/videos and their questions to train.jsonl / eval.jsonl.
 
     The last round(num * eval_fraction) records form eval.jsonl (disjoint ids); the rest form
-    train.jsonl. Videos are written first, JSONL last. Existing files are overwritten.
+    train.jsonl. Videos are written first, JSONL next; then clips of an earlier run in
+    out_dir/videos that the new set does not use (only names of the form synth-<id>.mp4; other
+    files are left alone) are removed. Existing files are overwritten.
     Returns {"out_dir", "train", "eval", "num_train", "num_eval", "tasks": {task: n},
     "answers": {letter: n}, "frames", "size", "fps", "codec"}.
     """
@@ -265,6 +277,9 @@ def synth_video_dataset(
     eval_path = os.path.join(out_dir, "eval.jsonl")
     _write_jsonl(train_path, train)
     _write_jsonl(eval_path, evals)
+    _remove_stale_clips(
+        os.path.join(out_dir, "videos"), {os.path.basename(r["video"]) for r in records}
+    )
     return {
         "out_dir": out_dir,
         "train": train_path,

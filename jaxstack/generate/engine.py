@@ -617,6 +617,9 @@ def generate(
     prompts: B lists of token ids (lengths may differ); they are left padded to a length
       rounded up to a multiple of `prompt_bucket` so few programs are compiled.
     Other arguments as in `generate_tokens`; `seed` seeds sampling.
+    Raises ValueError (where transformers only warns) when a prompt's length plus
+    max_new_tokens exceeds the model's `max_position_embeddings`: positions past it are
+    untrained and give garbage silently.
     Returns a `GenerationOutput` of Python lists (each row cut after its first stop token)
     with timings.
     """
@@ -635,6 +638,15 @@ def generate(
         bad = [int(x) for x in p if not 0 <= int(x) < vocab]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+    limit = getattr(model.cfg, "max_position_embeddings", None)
+    lengths = [len(p) for p in prompts]
+    if limit is not None and lengths and max(lengths) + max_new_tokens > limit:
+        i, n = lengths.index(max(lengths)), max(lengths)
+        raise ValueError(
+            f"prompt {i} ({n} tokens) plus max_new_tokens={max_new_tokens} needs "
+            f"{n + max_new_tokens} positions, more than the model's max_position_embeddings="
+            f"{limit}: shorten the prompt or lower max_new_tokens"
+        )
     ids, mask = pad_prompts(prompts, pad_id=pad_id, bucket=prompt_bucket)
     ids, mask = pad_batch(ids, mask, pad_id=pad_id)
     out, times = _run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any, ClassVar
 
 import jax
@@ -27,6 +28,7 @@ from jaxstack.train.step import OptimConfig
 
 SYNTHETIC = "synthetic:arithmetic"
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "loss_mask")  # what the loss reads
+TOKENIZER_RECORD = "jaxstack_tokenizer.json"  # in hf/ when the tokenizer has no HF files
 
 
 @dataclasses.dataclass
@@ -205,6 +207,12 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
     out, main = cfg.output_dir, jax.process_index() == 0
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer.vocab_size, mesh, cfg.seed)
+    if cfg.data.seq_len > (max_pos := model.cfg.max_position_embeddings):
+        warnings.warn(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
+            f"{max_pos}: positions past it are untrained",
+            stacklevel=2,
+        )
     data, records = build_data(cfg.data, tokenizer)
     optimizer = step_lib.make_optimizer(cfg.optim)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh)
@@ -237,6 +245,8 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
         save_model(model, hf_dir := os.path.join(out, "hf"))  # transformers format
         if hasattr(tokenizer, "hf") and main:
             tokenizer.hf.save_pretrained(hf_dir)
+        elif main:  # no HF files for the byte tokenizer: record it for `jaxstack generate`
+            write_json(os.path.join(hf_dir, TOKENIZER_RECORD), {"tokenizer": cfg.data.tokenizer})
         extra: dict[str, Any] = {"hf_dir": hf_dir}
         if cfg.data.source == SYNTHETIC and cfg.eval > 0:
             result = evaluate_arithmetic(model, tokenizer, cfg, records, mesh)
