@@ -22,7 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # XLA's persistent cache, in a directory that lives only as long as this session, turns those
 # identical recompilations into lookups (keyed by the full HLO, compile options and devices, so
 # a hit is the same executable). Nothing carries over between sessions; tests that count
-# traces (TRACE_COUNTS, _cache_size) see every trace as before.
+# traces (the TRACE_COUNTS counters) see every trace as before.
 if jax.config.jax_compilation_cache_dir is None:
     _CACHE_DIR = tempfile.mkdtemp(prefix="jaxstack-tests-xla-cache-")
     atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)

@@ -146,16 +146,16 @@ def test_prefix_bucket_padding_is_exact(kind, causal):
 def test_prefix_bucket_bounds_compiled_programs():
     """gen 32, block 4, bucket 16: the 8 blocks compile 2 block programs (windows 32 and 16),
     a second call none; exact against the uncached sampler on a causal model."""
-    from jaxstack.generate.dllm import _run_block
+    from jaxstack.generate.dllm import TRACE_COUNTS
 
     model = _model("llada", causal=True, seed=11)
     prompt = _prompt(seed=12)
     kw = dict(gen_length=32, block_length=4, threshold=0.15, mask_id=MASK)
     counts = []
     for _ in range(2):
-        before = _run_block._cache_size()
+        before = TRACE_COUNTS["block"]
         out = dllm_generate(model, prompt, cache="prefix", prefix_bucket=16, **kw)
-        counts.append(_run_block._cache_size() - before)
+        counts.append(TRACE_COUNTS["block"] - before)
     assert counts == [2, 0]
     base = dllm_generate(model, prompt, **kw)
     np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(base.sequences))

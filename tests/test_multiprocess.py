@@ -26,11 +26,11 @@ VOCAB = 263  # the byte tokenizer's vocabulary
 
 def _optimizer() -> optax.GradientTransformation:
     """AdamW + clipping at a constant lr, eps=1 so one update is ~g (see test_sharding.py)."""
-    from jaxstack.train.step import _decay_mask
+    from jaxstack.train.step import weight_decay_mask
 
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(1.0, b1=0.9, b2=0.95, eps=1.0, weight_decay=0.1, mask=_decay_mask),
+        optax.adamw(1.0, b1=0.9, b2=0.95, eps=1.0, weight_decay=0.1, mask=weight_decay_mask),
     )
 
 

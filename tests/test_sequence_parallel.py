@@ -27,10 +27,10 @@ from localhost_workers import start_workers, wait_workers
 from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import make_mesh, shard_model
 from jaxstack.parallel.sequence import (
-    _group_zigzag_order,
-    _resolve_ring,
     choose_mode,
     from_zigzag,
+    group_zigzag_order,
+    resolve_ring,
     sequence_parallel_attention,
     split_sequence_mesh,
     to_zigzag,
@@ -329,19 +329,19 @@ def test_static_ring_matches_single_device(mode, ulysses_size, spec, causal, lay
 def test_static_ring_selection_and_blocks():
     """Which ring runs, the Ulysses-group reorder, and the dense whole-block twins."""
     f32, bf16 = jnp.float32, jnp.bfloat16
-    assert _resolve_ring("dense", f32, True, "zigzag", False) == ("zigzag", "dense")
-    assert _resolve_ring("cudnn", bf16, False, "contiguous", False) == ("full", "cudnn")
-    assert _resolve_ring("reference", f32, True, "zigzag", False) == (None, "reference")
-    assert _resolve_ring(None, f32, True, "zigzag", True) == (None, None)
+    assert resolve_ring("dense", f32, True, "zigzag", False) == ("zigzag", "dense")
+    assert resolve_ring("cudnn", bf16, False, "contiguous", False) == ("full", "cudnn")
+    assert resolve_ring("reference", f32, True, "zigzag", False) == (None, "reference")
+    assert resolve_ring(None, f32, True, "zigzag", True) == (None, None)
     if jax.default_backend() != "gpu":
-        assert _resolve_ring(None, f32, True, "contiguous", False) == ("contiguous", "dense")
+        assert resolve_ring(None, f32, True, "contiguous", False) == ("contiguous", "dense")
     with pytest.raises(ValueError, match="static-mask ring"):
-        _resolve_ring("dense", f32, True, "zigzag", True)
+        resolve_ring("dense", f32, True, "zigzag", True)
     # P = 2 ring groups x U = 2: group 0 holds chunks [0, 7, 1, 6] -> [0, 1, 6, 7]
     perm = zigzag_permutation(16, 4)
-    group0 = perm[:8][_group_zigzag_order(8, 2)]
+    group0 = perm[:8][group_zigzag_order(8, 2)]
     np.testing.assert_array_equal(group0, [0, 1, 2, 3, 12, 13, 14, 15])
-    np.testing.assert_array_equal(perm[8:][_group_zigzag_order(8, 2)], np.arange(4, 12))
+    np.testing.assert_array_equal(perm[8:][group_zigzag_order(8, 2)], np.arange(4, 12))
     # dense twins == the positional reference on local indices (rectangular, no mask)
     q, k, v, w = _qkv(21, 1, 8, 4, 2, 8)
     pos = jnp.arange(8, dtype=jnp.int32)

@@ -34,11 +34,11 @@ from jaxstack.parallel.mesh import (
 from jaxstack.parallel.sequence import shard_map
 from jaxstack.train.step import (
     OptimConfig,
-    _decay_mask,
     init_train_state,
     make_optimizer,
     make_train_step,
     place_batch,
+    weight_decay_mask,
 )
 
 TOL = 1e-5
@@ -58,7 +58,7 @@ def _optimizer() -> optax.GradientTransformation:
     """
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(1.0, b1=0.9, b2=0.95, eps=1.0, weight_decay=0.1, mask=_decay_mask),
+        optax.adamw(1.0, b1=0.9, b2=0.95, eps=1.0, weight_decay=0.1, mask=weight_decay_mask),
     )
 
 

@@ -36,10 +36,13 @@ min(round_up(L_total - s, prefix_bucket), gen_length) slots, so it compiles at m
 ceil(gen_length / prefix_bucket) programs. Window slots >= L_total hold [MASK] ids, are masked
 out as keys (the cache gets the window's extra slots after the step-0 refresh) and their
 outputs are discarded. Blocks run from a Python loop; each block is one jitted call.
+`TRACE_COUNTS["block"]` counts the block programs traced (a hook to catch recompiles, as
+`jaxstack.generate.engine.TRACE_COUNTS`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -56,6 +59,8 @@ Array = jax.Array
 
 CACHE_MODES = (None, "prefix", "dual")
 REMASKING = ("low_confidence", "random")
+# Block programs traced so far (one per compiled program; bumped at trace time only).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 # -- commit rules (pure functions of confidences; tested directly) --------------------------------
@@ -262,6 +267,7 @@ def _run_block(graphdef, state, x, key, nfe, s, *, st: _Static, window: int | No
 
     window: the prefix-cache query window length (cache="prefix" only).
     Returns (x, nfe, block_nfe, trace_logits-or-None)."""
+    TRACE_COUNTS["block"] += 1
     model = nnx.merge(graphdef, state)
     b, total = x.shape
     bk, shift = st.block_length, st.kind == "dream"

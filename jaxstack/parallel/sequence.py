@@ -579,7 +579,7 @@ def static_ring_attention_shard(
     return _static_ring(q, k, v, *args)
 
 
-def _group_zigzag_order(local_len: int, ulysses_size: int) -> np.ndarray:
+def group_zigzag_order(local_len: int, ulysses_size: int) -> np.ndarray:
     """int32 [local_len]: storage order that turns a Ulysses group's gathered zigzag sequence
     into the ring's zigzag halves.
 
@@ -595,7 +595,7 @@ def _group_zigzag_order(local_len: int, ulysses_size: int) -> np.ndarray:
     return np.concatenate(first + second).astype(np.int32)
 
 
-def _resolve_ring(
+def resolve_ring(
     implementation: str | None, dtype, causal: bool, layout: str, has_segments: bool
 ) -> tuple[str | None, str | None]:
     """(static kind, static blocks) for the static ring, or (None, block implementation) for
@@ -728,7 +728,7 @@ def sequence_parallel_attention(
     block kernel. "cudnn" / "dense" force the static-mask ring (error if the case does not
     allow it); "reference" / "pallas_triton" force the general ring with that kernel.
     In "2d" with the zigzag layout the Ulysses group's gathered sequence is reordered
-    locally into the ring's zigzag halves (`_group_zigzag_order`) and back.
+    locally into the ring's zigzag halves (`group_zigzag_order`) and back.
     """
     if mode not in ("auto", *MODES):
         raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose auto or {MODES}")
@@ -786,7 +786,7 @@ def sequence_parallel_attention(
     seg_in = segment_ids.astype(jnp.int32) if has_seg else jnp.zeros((b, s), jnp.int32)
     static_kind, blocks = (None, implementation)
     if ring is not None:
-        static_kind, blocks = _resolve_ring(implementation, q.dtype, causal, layout, has_seg)
+        static_kind, blocks = resolve_ring(implementation, q.dtype, causal, layout, has_seg)
 
     def body(q, k, v, pos, seg):
         seg = seg if has_seg else None
@@ -806,7 +806,7 @@ def sequence_parallel_attention(
             # layout it is reordered into the ring's [chunk g, chunk 2R-1-g] halves and back.
             order = None
             if static_kind == "zigzag" and uly is not None and uly[1] > 1:
-                order = _group_zigzag_order(q.shape[1], uly[1])
+                order = group_zigzag_order(q.shape[1], uly[1])
                 q, k, v = (jnp.take(x, order, axis=1) for x in (q, k, v))
             out = static_ring_attention_shard(
                 q,
