@@ -1,4 +1,8 @@
-"""Load and save jaxstack `LLM`s as transformers Llama / Qwen2 / Qwen3 checkpoints.
+"""Load and save jaxstack `LLM`s as transformers Llama / Qwen2 / Qwen3 / Gemma 2 checkpoints.
+
+Gemma 2 reads and writes both `Gemma2ForCausalLM` (tensors under "model.", tied LM head) and
+the base `Gemma2Model` layout (no prefix, no LM head; SANA's text encoder): `load_model` tells
+them apart by the tensor names, `save_model(..., base_model=True)` writes the latter.
 
 Loading builds the model abstractly (no parameter memory), checks every tensor's key and shape
 against the config, then creates each parameter directly in its sharding: every device reads
@@ -24,6 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm_config import config_from_hf, config_to_hf, read_hf_config
 from jaxstack.hf.params_io import check_shapes, named_params, read_params, to_host
 from jaxstack.hf.safetensors_io import (
@@ -49,7 +54,8 @@ KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
 )
 _FIELDS = {
     "i": r"\d+",
-    "norm": "input_layernorm|post_attention_layernorm",
+    "norm": "input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+    "|post_feedforward_layernorm",
     "attn": "[qkvo]_proj",
     "qkv": "[qkv]_proj",
     "qk_norm": "[qk]_norm",
@@ -79,6 +85,15 @@ def hf_key_for(param_path: str) -> tuple[str, bool]:
         if m:
             return hf.format(**m.groupdict()), transpose
     raise KeyError(f"no HF key for parameter {param_path!r}; extend KEY_TABLE")
+
+
+def base_key_for(param_path: str) -> tuple[str, bool]:
+    """(key, transpose?) in a base-model checkpoint (e.g. `Gemma2Model`): the transformers key
+    without the "model." prefix. The base layout has no LM head (KeyError for it)."""
+    key, transpose = hf_key_for(param_path)
+    if not key.startswith("model."):
+        raise KeyError(f"parameter {param_path!r} ({key}) has no place in a base-model layout")
+    return key.removeprefix("model."), transpose
 
 
 def param_path_for(hf_key: str) -> str | None:
@@ -118,10 +133,26 @@ def load_model(
     logical-axis rules of `jaxstack.parallel` (None: on the first local device). Raises
     CheckpointError for missing/corrupt files, unsupported architectures, missing tensors and
     shape mismatches; warns about tensors the model does not use.
+
+    A base-model checkpoint (tensors named "embed_tokens.weight", ... without the "model."
+    prefix, e.g. a `Gemma2Model`) loads too; it has no LM head, so its config must tie the
+    embeddings (Gemma 2 does) and `model.hidden_states` is what it is for.
     """
     path = os.fspath(path)
-    cfg = config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"))
-    return load_weights(path, cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat)
+    cfg_file = os.path.join(path, "config.json")
+    cfg = config_from_hf(read_hf_config(path), source=cfg_file)
+    key_for = None
+    keys = CheckpointReader(path).keys()
+    if "model.embed_tokens.weight" not in keys and "embed_tokens.weight" in keys:
+        if not cfg.tie_word_embeddings:
+            raise CheckpointError(
+                f"{path}: a base-model checkpoint (no 'model.' prefix) has no lm_head.weight, "
+                f"but {cfg_file} unties the embeddings (tie_word_embeddings=false)"
+            )
+        key_for = base_key_for
+    return load_weights(
+        path, cfg, key_for=key_for, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat
+    )
 
 
 def load_weights(
@@ -194,11 +225,14 @@ def save_model(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     key_for: Callable[[str], tuple[str, bool]] = hf_key_for,
     hf_config: dict | None = None,
+    base_model: bool = False,
 ) -> None:
     """Write `model` as a transformers checkpoint (config.json + safetensors) into `path`.
 
     key_for / hf_config: another layout's tensor names and config.json (default: the
     transformers class of the architecture; `jaxstack.hf.dllm.save_dllm` writes LLaDA's).
+    base_model: write the base-model layout instead (`Gemma2Model`: no "model." prefix, no LM
+    head; the model must tie its embeddings; ValueError otherwise).
     dtype: storage dtype of the files (e.g. jnp.bfloat16); default each parameter's own dtype.
     Files above max_shard_bytes are split into model-0000i-of-0000N.safetensors plus
     model.safetensors.index.json. Earlier safetensors files in `path` are replaced. With
@@ -206,10 +240,14 @@ def save_model(
     only process 0 writes.
     """
     path = os.fspath(path)
+    if base_model:
+        if not model.cfg.tie_word_embeddings:
+            raise ValueError("base_model=True: the base layout has no LM head (untied model)")
+        key_for = base_key_for
     tensors = _tensors(model, dtype, key_for)
-    hf_cfg = (
-        hf_config if hf_config is not None else config_to_hf(model.cfg, dtype=tensors[0][2].name)
-    )
+    hf_cfg = hf_config
+    if hf_cfg is None:
+        hf_cfg = config_to_hf(model.cfg, dtype=tensors[0][2].name, base_model=base_model)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)

@@ -1,8 +1,11 @@
-"""Decoder LLM (Llama 3.x, Qwen2/2.5, Qwen3) in Flax NNX.
+"""Decoder LLM (Llama 3.x, Qwen2/2.5, Qwen3, Gemma 2) in Flax NNX.
 
-One model covers the three families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, optional
+One model covers the four families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, optional
 qkv bias (Qwen2), optional per-head q/k RMSNorm (Qwen3), tied or untied embeddings, causal or
-bidirectional attention, packed sequences (segment ids), left padding and a KV cache.
+bidirectional attention, packed sequences (segment ids), left padding and a KV cache. Gemma 2
+switches on, through config flags: embeddings scaled by sqrt(D), (1 + w) RMSNorms, sandwich
+norms around attention and MLP, GeGLU, a query_pre_attn_scalar attention scale, attention and
+final logit soft-capping, and sliding-window attention on some layers (`layer_types`).
 
 Shapes: B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim,
 F mlp width, V vocab, L layers.
@@ -32,7 +35,14 @@ from jaxstack.parallel.sequence import (
 
 Array = jax.Array
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2")
+# MLP gate activations by transformers name: SwiGLU (silu) or GeGLU (Gemma: gelu tanh approx).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,18 @@ class LLMConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     causal: bool = True  # False for diffusion LLMs (bidirectional attention)
     max_position_embeddings: int = 32768
+    # Gemma 2 (each off by default; the other families use none of them):
+    hidden_act: str = "silu"  # MLP gate activation (ACTIVATIONS): silu or gelu_pytorch_tanh
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + w), w stored (and init) at zero
+    sandwich_norm: bool = False  # post_attention / pre_ and post_feedforward_layernorm
+    scale_embeddings: bool = False  # embeddings * sqrt(hidden_size), in the compute dtype
+    query_pre_attn_scalar: float | None = None  # attention scale q_p_a_s ** -0.5 (None: head_dim)
+    attn_logit_softcapping: float | None = None  # attention logits cap * tanh(x / cap)
+    final_logit_softcapping: float | None = None  # LM-head logits cap * tanh(x / cap)
+    sliding_window: int | None = None  # sliding layers: query i sees keys j with i - j < window
+    # Per layer "full_attention" | "sliding_attention"; None with a sliding_window: the Gemma 2
+    # pattern (layers 0, 2, 4, ... slide). Ignored without a sliding_window.
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -65,6 +87,36 @@ class LLMConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown hidden_act {self.hidden_act!r}; supported: {tuple(ACTIVATIONS)}"
+            )
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)  # hashable (lists from YAML/JSON)
+            bad = sorted(set(types) - set(LAYER_TYPES))
+            if bad or len(types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types needs num_layers={self.num_layers} entries from {LAYER_TYPES}; "
+                    f"got {len(types)} entries" + (f" with unknown {bad}" if bad else "")
+                )
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+            if not self.causal:
+                raise ValueError("sliding_window needs a causal model (causal=True)")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` uses sliding-window attention."""
+        if self.sliding_window is None:
+            return False
+        if self.layer_types is None:
+            return layer % 2 == 0  # transformers' Gemma2Config default
+        return self.layer_types[layer] == "sliding_attention"
 
     def num_params(self) -> int:
         d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
@@ -73,7 +125,7 @@ class LLMConfig:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * h
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + (4 if self.sandwich_norm else 2) * d
         emb = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
@@ -118,6 +170,21 @@ _LLAMA3 = dict(
     num_kv_heads=8,
     head_dim=128,
     max_position_embeddings=8192,
+)
+_GEMMA2 = dict(
+    architecture="gemma2",
+    vocab_size=256000,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    hidden_act="gelu_pytorch_tanh",
+    norm_unit_offset=True,
+    sandwich_norm=True,
+    scale_embeddings=True,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    sliding_window=4096,
 )
 
 _PRESET_FIELDS: dict[str, dict[str, Any]] = {
@@ -230,6 +297,17 @@ _PRESET_FIELDS: dict[str, dict[str, Any]] = {
         causal=False,
         max_position_embeddings=4096,
     ),
+    # Gemma-2-2B (transformers' Gemma2Config defaults; the text encoder of SANA).
+    "gemma-2-2b": dict(
+        _GEMMA2,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
 }
 # name -> config factory, the preset registry idiom of every model family (`LLMConfig.preset`).
 PRESETS: dict[str, Callable[[], LLMConfig]] = {
@@ -268,6 +346,9 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        qpas = cfg.query_pre_attn_scalar
+        self.scale = None if qpas is None else float(qpas) ** -0.5  # None: head_dim ** -0.5
+        self.soft_cap = cfg.attn_logit_softcapping
         self.q_proj = Dense(d, n * h, axes=("embed", "heads"), use_bias=cfg.attention_bias, **kw)
         self.k_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
         self.v_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
@@ -284,6 +365,7 @@ class Attention(nnx.Module):
         *,
         mask,
         causal,
+        window=None,
         cache_kv=None,
         index=None,
         segment_ids=None,
@@ -308,14 +390,25 @@ class Attention(nnx.Module):
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         if sequence_parallel:  # mesh has sequence > 1: shard_map attention (segments, no mask)
-            out = _sequence_parallel(q, k, v, causal=causal, segment_ids=segment_ids)
+            out = _sequence_parallel(
+                q, k, v, causal=causal, segment_ids=segment_ids, scale=self.scale
+            )
         else:
-            out = dot_product_attention(q, k, v, mask=mask, causal=causal)
+            out = dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                causal=causal,
+                scale=self.scale,
+                soft_cap=self.soft_cap,
+                window=window,
+            )
         out = constrain(out, ("batch", "seq", "act_heads", None))
         return self.o_proj(out.reshape(b, t, -1)), new_kv
 
 
-def _sequence_parallel(q, k, v, *, causal, segment_ids):
+def _sequence_parallel(q, k, v, *, causal, segment_ids, scale=None):
     """Attention over the context mesh's `sequence` axis; mode from `use_sequence_parallel`."""
     opts = sequence_parallel_options()
     return sequence_parallel_attention(
@@ -327,33 +420,47 @@ def _sequence_parallel(q, k, v, *, causal, segment_ids):
         segment_ids=segment_ids,
         ulysses_size=opts.ulysses_size,
         layout=opts.layout,
+        scale=scale,
         implementation=opts.implementation,
     )
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (Gemma, gelu tanh)."""
 
     def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.hidden_act = cfg.hidden_act
         self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x_btd):
-        h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        h = ACTIVATIONS[self.hidden_act](self.gate_proj(x_btd)) * self.up_proj(x_btd)
         h = constrain(h, ("batch", "seq", "act_mlp"))
         return self.down_proj(h)
 
 
 class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(post_attention_layernorm(x)). With
+    `sandwich_norm` (Gemma 2): x + post_attention_layernorm(attn(input_layernorm(x))), then
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))."""
+
     def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm_kw = dict(
+            eps=cfg.rms_norm_eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            unit_offset=cfg.norm_unit_offset,
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        sandwich = cfg.sandwich_norm
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw) if sandwich else None
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw) if sandwich else None
 
     def __call__(
         self,
@@ -363,6 +470,7 @@ class Block(nnx.Module):
         *,
         mask,
         causal,
+        window=None,
         cache_kv=None,
         index=None,
         segment_ids=None,
@@ -374,13 +482,19 @@ class Block(nnx.Module):
             inv_freq,
             mask=mask,
             causal=causal,
+            window=window,
             cache_kv=cache_kv,
             index=index,
             segment_ids=segment_ids,
             sequence_parallel=sequence_parallel,
         )
-        x_btd = x_btd + attn
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        if self.pre_feedforward_layernorm is None:
+            x_btd = x_btd + attn
+            x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        else:
+            x_btd = x_btd + self.post_attention_layernorm(attn)
+            mlp = self.mlp(self.pre_feedforward_layernorm(x_btd))
+            x_btd = x_btd + self.post_feedforward_layernorm(mlp)
         return constrain(x_btd, ("batch", "seq", "act_embed")), new_kv
 
 
@@ -437,7 +551,11 @@ class LLM(nnx.Module):
             ]
         )
         self.norm = RMSNorm(
-            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+            cfg.hidden_size,
+            eps=cfg.rms_norm_eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            unit_offset=cfg.norm_unit_offset,
         )
         self.lm_head = (
             None
@@ -455,15 +573,25 @@ class LLM(nnx.Module):
     # -- pieces -------------------------------------------------------------------------------
 
     def embed(self, input_ids_bt: Array) -> Array:
-        """Token embeddings [B, T, D] in the compute dtype."""
-        return self.embed_tokens(input_ids_bt)
+        """Token embeddings [B, T, D] in the compute dtype. With `scale_embeddings` (Gemma)
+        times sqrt(hidden_size), the factor rounded to the compute dtype first as transformers
+        does (it casts the normalizer to the embedding's dtype). `inputs_embeds` passed to the
+        model are used as given (not scaled), as in transformers."""
+        x = self.embed_tokens(input_ids_bt)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype)
+        return x
 
     def logits(self, hidden_btd: Array) -> Array:
-        """LM-head logits [B, T, V] from final (normed) hidden states."""
+        """LM-head logits [B, T, V] (compute dtype) from final (normed) hidden states; with
+        `final_logit_softcapping` c: c * tanh(logits / c), computed in float32."""
         if self.lm_head is None:
             out = self.embed_tokens.attend(hidden_btd)
         else:
             out = self.lm_head(hidden_btd)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            out = (jnp.tanh(out.astype(jnp.float32) / cap) * cap).astype(out.dtype)
         return constrain(out, ("batch", "seq", "act_vocab"))
 
     def _run_layers(
@@ -474,25 +602,44 @@ class LLM(nnx.Module):
         mask,
         causal,
         cache: KVCache | None,
+        sliding_mask=None,
         segment_ids=None,
         sequence_parallel=False,
     ):
+        """Blocks then the final norm. Sliding layers (`cfg.is_sliding`) use `sliding_mask`
+        when given (decoding: the window is in the mask), else `mask` plus the window."""
         sp = dict(segment_ids=segment_ids, sequence_parallel=sequence_parallel)
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
+            layer_mask, window = mask, None
+            if self.cfg.is_sliding(i):
+                if sliding_mask is None:
+                    window = self.cfg.sliding_window
+                else:
+                    layer_mask = sliding_mask
             if self.remat != "none" and cache is None:
                 policy = REMAT_POLICIES[self.remat]
 
-                def run(block, x, positions, mask):
-                    return block(x, positions, inv_freq, mask=mask, causal=causal, **sp)[0]
+                def run(block, x, positions, mask, window=window):
+                    return block(
+                        x, positions, inv_freq, mask=mask, causal=causal, window=window, **sp
+                    )[0]
 
-                x = nnx.remat(run, policy=policy)(layer, x, positions, mask)
+                x = nnx.remat(run, policy=policy)(layer, x, positions, layer_mask)
                 continue
             x, new_kv = layer(
-                x, positions, inv_freq, mask=mask, causal=causal, cache_kv=kv, index=index, **sp
+                x,
+                positions,
+                inv_freq,
+                mask=layer_mask,
+                causal=causal,
+                window=window,
+                cache_kv=kv,
+                index=index,
+                **sp,
             )
             if new_kv is not None:
                 new_k.append(new_kv[0])
@@ -511,7 +658,7 @@ class LLM(nnx.Module):
         input_mask: Array | None = None,
         mask_ar: Array | None = None,
     ) -> Array:
-        """Final normed hidden states [B, T, D].
+        """Final normed hidden states [B, T, D] (transformers' `last_hidden_state`).
 
         input_ids int [B, T] or inputs_embeds [B, T, D]; positions int [B, T] (default: from
         segments / padding); segment_ids int [B, T] for packed sequences; input_mask bool
@@ -534,6 +681,12 @@ class LLM(nnx.Module):
             positions = positions_from(b, t, segment_ids, input_mask)
         sp = sequence_parallel_size()
         if sp > 1:
+            if self.cfg.attn_logit_softcapping is not None or self.cfg.sliding_window is not None:
+                raise ValueError(
+                    "attention soft-capping and sliding windows (Gemma 2) are not supported with "
+                    f"sequence-parallel attention (mesh sequence={sp}); run it under "
+                    "use_sequence_parallel(enabled=False) or without a sequence axis"
+                )
             if mask_ar is not None:
                 raise ValueError(
                     "mask_ar is not supported with sequence-parallel attention (mesh sequence="
@@ -605,6 +758,10 @@ class LLM(nnx.Module):
         slot < visible_len instead, e.g. the whole cache for a DualCache step whose suffix K/V
         were cached earlier. logits_index int [K]: return logits [B, K, V] of these new-token
         columns only (the LM head skips the others; the cache is the same).
+
+        Sliding-window layers (Gemma 2) see only the slots within the window before each new
+        token (slot distance < sliding_window), at any cache length; the cache keeps every
+        slot (no ring buffer), so its memory is that of full attention.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
@@ -620,7 +777,13 @@ class LLM(nnx.Module):
             limit = cache.index + t if visible_len is None else visible_len
             allowed = jnp.broadcast_to(slots[None, :] < limit, (t, s))
         mask = (allowed[None] & kv_mask[:, None, :])[:, None]  # [B, 1, T, S]
-        hidden, (ks, vs) = self._run_layers(x, positions, mask=mask, causal=False, cache=cache)
+        sliding_mask = None
+        if self.cfg.sliding_window is not None:  # causal (checked by LLMConfig)
+            near = q_slots[:, None] - slots[None, :] < self.cfg.sliding_window
+            sliding_mask = mask & near[None, None]
+        hidden, (ks, vs) = self._run_layers(
+            x, positions, mask=mask, causal=False, cache=cache, sliding_mask=sliding_mask
+        )
         new_cache = KVCache(k=ks, v=vs, kv_mask=kv_mask, index=cache.index + t)
         if logits_index is not None:
             hidden = jnp.take(hidden, logits_index, axis=1)

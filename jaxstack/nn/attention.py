@@ -63,6 +63,8 @@ def dot_product_attention(
     mask: Array | None = None,
     causal: bool = False,
     scale: float | None = None,
+    soft_cap: float | None = None,
+    window: int | None = None,
     implementation: str | None = None,
 ) -> Array:
     """Scaled dot-product attention with grouped-query support.
@@ -70,14 +72,33 @@ def dot_product_attention(
     q_bthd: [B, T, Nq, H]; k_bshd, v_bshd: [B, S, Nkv, H] with Nq % Nkv == 0.
     mask: optional bool, broadcastable to [B, Nq, T, S]; True = may attend.
     causal: apply a causal mask aligned to the top-left (T == S for training/prefill).
-    implementation: None (cuDNN on GPU when supported, else XLA), "cudnn" or "xla".
+    scale: logit scale, default H ** -0.5.
+    soft_cap: Gemma-2 logit soft-capping, logits <- soft_cap * tanh(logits / soft_cap) after
+      scaling and before masking (float32).
+    window: sliding window: query i sees key j only if i - j < window, indices aligned to the
+      top-left as for `causal` (combine with causal or a causal mask; with an offset between
+      query and key indices, e.g. decoding against a cache, put the window into `mask`).
+    implementation: None (cuDNN on GPU when supported, else XLA), "cudnn" or "xla". Soft-capping
+      and windows run on the XLA path (None picks it; "cudnn" raises ValueError).
     Returns [B, T, Nq, H] in q's dtype. Rows whose mask is all False return zeros.
     """
+    extras = soft_cap is not None or window is not None
     if implementation is None:
-        implementation = "cudnn" if _cudnn_ok(q_bthd, k_bshd) else "xla"
+        implementation = "cudnn" if _cudnn_ok(q_bthd, k_bshd) and not extras else "xla"
     if implementation == "cudnn":
+        if extras:
+            raise ValueError("soft_cap and window are not supported by the cuDNN path; use 'xla'")
         return _cudnn_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
-    return _xla_attention(q_bthd, k_bshd, v_bshd, mask=mask, causal=causal, scale=scale)
+    return _xla_attention(
+        q_bthd,
+        k_bshd,
+        v_bshd,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        soft_cap=soft_cap,
+        window=window,
+    )
 
 
 CUDNN_SEQ_MULTIPLE = 64
@@ -118,13 +139,15 @@ def _cudnn_attention(q, k, v, *, mask, causal, scale):
     return out[:, :t]
 
 
-def _xla_attention(q, k, v, *, mask, causal, scale):
+def _xla_attention(q, k, v, *, mask, causal, scale, soft_cap=None, window=None):
     b, t, nq, h = q.shape
     s, nkv = k.shape[1], k.shape[2]
     groups = nq // nkv
     scale = h**-0.5 if scale is None else scale
     q = q.reshape(b, t, nkv, groups, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if soft_cap is not None:
+        logits = jnp.tanh(logits / soft_cap) * soft_cap
     full_mask = None
     if mask is not None:
         m = jnp.broadcast_to(mask, (b, nq, t, s)).reshape(b, nkv, groups, t, s)
@@ -132,6 +155,9 @@ def _xla_attention(q, k, v, *, mask, causal, scale):
     if causal:
         cm = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
         full_mask = cm if full_mask is None else full_mask & cm
+    if window is not None:
+        wm = jnp.arange(t)[:, None] - jnp.arange(s)[None, :] < window
+        full_mask = wm if full_mask is None else full_mask & wm
     if full_mask is not None:
         logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)

@@ -70,18 +70,36 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32: x / rms(x) * scale (scale stored as in HF, init ones)."""
+    """RMSNorm computed in float32: x / rms(x) * scale (scale stored as in HF, init ones).
 
-    def __init__(self, features: int, *, eps: float, dtype, param_dtype, axis_name="norm"):
+    unit_offset: Gemma's form x / rms(x) * (1 + scale), scale initialised to zeros (as HF
+    Gemma stores it); the product is taken in float32 before the cast to `dtype`.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        dtype,
+        param_dtype,
+        axis_name="norm",
+        unit_offset: bool = False,
+    ):
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=(axis_name,))
+        self.unit_offset = unit_offset
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = nnx.Param(init((features,), param_dtype), logical_axes=(axis_name,))
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.unit_offset:
+            scale = 1.0 + scale
+        return (y * scale).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
