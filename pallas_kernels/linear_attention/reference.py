@@ -4,9 +4,9 @@
 
 with phi = ReLU, per head, no softmax and no 1/sqrt(d) (../shared/specs/sana.md §2). The state
 (S [B, H, d, e], z [B, H, d]) is a sum over tokens, so a sequence split over devices needs one
-all-reduce of it (`jaxstack.parallel` shards it; see `sequence_sharded` in `__init__.py`). All
-arithmetic is float32 whatever the input dtype; the output has q's dtype. This module is the
-oracle of every implementation and the CPU fallback.
+all-reduce of it (`sequence_sharded_linear_attention` in jaxstack/parallel/linear_attention.py).
+All arithmetic is float32 whatever the input dtype; the output has q's dtype. This module is
+the oracle of every implementation and the CPU fallback.
 """
 
 from __future__ import annotations
