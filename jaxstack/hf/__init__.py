@@ -6,11 +6,13 @@ jaxstack.hf.save_model(model, "runs/x/hf", dtype=jnp.bfloat16)
 model, dcfg = jaxstack.hf.load_dllm("path/to/LLaDA-8B-Instruct", dtype=jnp.bfloat16)
 """
 
+from jaxstack.hf.dcae import load_dcae, save_dcae
 from jaxstack.hf.dllm import load_dllm, save_dllm
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.llm import KEY_TABLE, load_model, save_model
 from jaxstack.hf.llm_config import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
 from jaxstack.hf.nvila import load_nvila, save_nvila
+from jaxstack.hf.sana_transformer import load_sana_transformer, save_sana_transformer
 
 __all__ = [
     "KEY_TABLE",
@@ -18,10 +20,14 @@ __all__ = [
     "CheckpointError",
     "config_from_hf",
     "config_to_hf",
+    "load_dcae",
     "load_dllm",
     "load_model",
     "load_nvila",
+    "load_sana_transformer",
+    "save_dcae",
     "save_dllm",
     "save_model",
     "save_nvila",
+    "save_sana_transformer",
 ]
