@@ -7,6 +7,7 @@
     jaxstack generate --model DIR --prompt TEXT ...  batched KV-cache generation
     jaxstack train-dllm [CONFIG.yaml] [key=value ...] diffusion LLM on sorting + sampler table
     jaxstack generate --dllm --model DIR ...         diffusion LLM with Fast-dLLM caches
+    jaxstack train-dit [CONFIG.yaml] [key=value ...] text-to-image SANA DiT on captioned shapes
 
 With no CONFIG, `rl` runs its embedded default (synthetic video QA, a tiny VLM through a short
 CoT-SFT stage then GRPO, about 15 minutes on 2 CPU cores) and `train` its own (a tiny decoder learning addition from
@@ -231,6 +232,18 @@ def _generate_dllm(args, tokenizer, prompts, dtype, mesh) -> int:
     return 0
 
 
+def _train_dit(args: argparse.Namespace) -> int:
+    from jaxstack.train.dit_trainer import DiTTrainConfig, run_dit_train
+
+    cfg = _job_config(DiTTrainConfig, args.overrides)
+    summary = run_dit_train(cfg, resume=_resume(args))
+    print(f"output in {summary['output_dir']} (samples: {summary.get('samples_png')})")
+    before, after = summary.get("prompt_accuracy_step0"), summary.get("prompt_accuracy")
+    if before is not None and after is not None:
+        print(f"prompt accuracy: step0={before:.3f} final={after:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxstack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     tdl.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
     _add_resume_flags(tdl)
     tdl.set_defaults(func=_train_dllm)
+
+    tdit = sub.add_parser(
+        "train-dit", help="train a text-to-image SANA transformer (flow matching, CFG, judge)"
+    )
+    tdit.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
+    _add_resume_flags(tdit)
+    tdit.set_defaults(func=_train_dit)
 
     gen = sub.add_parser("generate", help="generate text from a transformers checkpoint")
     gen.add_argument("--model", required=True, help="transformers checkpoint directory")
