@@ -36,7 +36,9 @@ from flax import nnx
 
 from jaxstack.nn.attention import dot_product_attention
 from jaxstack.nn.layers import Dense, LayerNorm, RMSNorm
+from jaxstack.parallel.linear_attention import sequence_sharded_linear_attention
 from jaxstack.parallel.mesh import constrain
+from jaxstack.parallel.sequence import sequence_parallel_size
 from pallas_kernels.linear_attention import relu_linear_attention
 
 Array = jax.Array
@@ -194,11 +196,22 @@ _1600M = dict(
 _SANA15 = dict(qk_norm="rms_norm_across_heads", cross_norm=True)
 _PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "tiny": dict(),  # the dataclass defaults: diffusers' test config (spec §8)
-    # pixel-space model of the embedded `jaxstack train-dit` job (32 px RGB, 8 x 8 tokens)
+    # pixel-space model of the embedded `jaxstack train-dit` job (32 px RGB, 8 x 8 tokens);
+    # with sin-cos positions (as SANA's 2K/4K models): linear attention is order-blind and
+    # the 3x3 conv alone did not teach it where a shape is
     "tiny-shapes": dict(
-        in_channels=3, out_channels=3, patch_size=4, num_layers=4, num_attention_heads=4,
-        attention_head_dim=16, num_cross_attention_heads=4, cross_attention_head_dim=16,
-        cross_attention_dim=64, caption_channels=64, sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        patch_size=4,
+        num_layers=4,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=16,
+        cross_attention_dim=64,
+        caption_channels=64,
+        sample_size=32,
+        interpolation_scale=1.0,
     ),  # fmt: skip
     "sana-0.6b": dict(
         _BASE,
@@ -277,6 +290,14 @@ def _layer_norm(x: Array, eps: float) -> Array:
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _sequence_shards(num_tokens: int) -> int:
+    """Devices the linear attention shards the tokens over: the context mesh's "sequence" axis
+    (`sequence_parallel_size`: 1 without a mesh or under `use_sequence_parallel(enabled=False)`),
+    or 1 when it does not divide the token count (then XLA partitions the plain attention)."""
+    sp = sequence_parallel_size()
+    return sp if sp > 1 and num_tokens % sp == 0 else 1
 
 
 def _xavier(fan_in: int, fan_out: int) -> float:
@@ -410,7 +431,9 @@ class TimeEmbed(nnx.Module):
 class LinearAttention(nnx.Module):
     """ReLU linear self-attention (LiteLA): q/k/v Linears (bias: `attention_bias`), optional
     RMSNorm over all heads on q and k, per-head relu(q) (sum relu(k) v^T) / (relu(q) . sum
-    relu(k) + eps) in float32, `to_out` Linear with bias."""
+    relu(k) + eps) in float32, `to_out` Linear with bias. Under a context mesh whose "sequence"
+    axis divides the tokens, each device sums the state of its own tokens and one psum makes
+    the global one (`sequence_sharded_linear_attention`; SANA 4K inference)."""
 
     def __init__(self, cfg: SanaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         d, h = cfg.hidden_size, cfg.num_attention_heads
@@ -433,7 +456,10 @@ class LinearAttention(nnx.Module):
             constrain(a.reshape(b, n, self.num_heads, -1), ("batch", "seq", "act_heads", None))
             for a in (q, k, v)
         )
-        out = relu_linear_attention(q, k, v, eps=LINEAR_ATTN_EPS)
+        if _sequence_shards(n) > 1:  # one psum of the [B, H, d, e] state over "sequence"
+            out = sequence_sharded_linear_attention(q, k, v, eps=LINEAR_ATTN_EPS)
+        else:
+            out = relu_linear_attention(q, k, v, eps=LINEAR_ATTN_EPS)
         return self.to_out(out.reshape(b, n, -1))
 
 

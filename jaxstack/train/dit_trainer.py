@@ -102,6 +102,7 @@ class DiTTrainConfig(RunConfig):
     data: ShapesDataSection = dataclasses.field(default_factory=ShapesDataSection)
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     optimizer: str = "adamw"
+    came8bit_min_size: int = 16384  # CAME-8bit quantizes matrices with more elements than this
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.0)
     )
@@ -115,7 +116,9 @@ class DiTTrainConfig(RunConfig):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
-def make_dit_optimizer(name: str, cfg: OptimConfig) -> optax.GradientTransformation:
+def make_dit_optimizer(
+    name: str, cfg: OptimConfig, min_8bit_size: int = 16384
+) -> optax.GradientTransformation:
     """AdamW (`step.make_optimizer`) or CAME / CAME-8bit with the same schedule and clipping."""
     if name == "adamw":
         return step_lib.make_optimizer(cfg)
@@ -125,6 +128,7 @@ def make_dit_optimizer(name: str, cfg: OptimConfig) -> optax.GradientTransformat
             step_lib.learning_rate_schedule(cfg),
             weight_decay=cfg.weight_decay,
             eight_bit=name == "came8bit",
+            min_8bit_size=min_8bit_size,
         ),
     )
 
@@ -330,7 +334,7 @@ def build_dit_train(cfg: DiTTrainConfig, mesh) -> LoopParts:
     out, main = cfg.output_dir, jax.process_index() == 0
     data = ShapeBatches(cfg.data)
     model = build_dit(cfg.model, cfg.data.image_size, mesh, cfg.seed)
-    optimizer = make_dit_optimizer(cfg.optimizer, cfg.optim)
+    optimizer = make_dit_optimizer(cfg.optimizer, cfg.optim, cfg.came8bit_min_size)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh)
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     update = step_lib.make_update(
