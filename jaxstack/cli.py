@@ -8,6 +8,7 @@
     jaxstack train-dllm [CONFIG.yaml] [key=value ...] diffusion LLM on sorting + sampler table
     jaxstack generate --dllm --model DIR ...         diffusion LLM with Fast-dLLM caches
     jaxstack train-dit [CONFIG.yaml] [key=value ...] text-to-image SANA DiT on captioned shapes
+    jaxstack sample-image --model DIR --prompt TEXT  images from a diffusers SanaPipeline folder
 
 With no CONFIG, `rl` runs its embedded default (synthetic video QA, a tiny VLM through a short
 CoT-SFT stage then GRPO, about 15 minutes on 2 CPU cores) and `train` its own (a tiny decoder learning addition from
@@ -244,6 +245,41 @@ def _train_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_paths(out: str, count: int) -> list[str]:
+    """`out` for one image; out_0.png, out_1.png, ... (stem_i + suffix) for several."""
+    if count == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}_{i}{ext or '.png'}" for i in range(count)]
+
+
+def _sample_image(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from jaxstack.diffusion import save_images
+    from jaxstack.hf import load_sana
+
+    prompts = list(args.prompt)
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable)")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    pipe = load_sana(args.model, dtype=dtype)
+    images = pipe(
+        prompts,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        shift=args.shift,
+    )
+    for prompt, path in zip(prompts, save_images(images, _image_paths(args.out, len(prompts)))):
+        print(f"{path}: {prompt}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxstack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     dllm.add_argument("--factor", type=float, default=None, help="factor-rule parallel decoding")
     dllm.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
     gen.set_defaults(func=_generate)
+
+    img = sub.add_parser("sample-image", help="text-to-image from a diffusers SanaPipeline folder")
+    img.add_argument("--model", required=True, help="diffusers SanaPipeline directory")
+    img.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    img.add_argument("--negative-prompt", default="", help='default ""')
+    img.add_argument("--steps", type=int, default=20)
+    img.add_argument("--cfg", type=float, default=4.5, help="guidance scale (<= 1: no CFG)")
+    img.add_argument("--height", type=int, default=1024)
+    img.add_argument("--width", type=int, default=1024)
+    img.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
+    img.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    img.add_argument(
+        "--scheduler",
+        choices=["flow_dpm_solver", "flow_euler"],
+        default=None,
+        help="default: the pipeline's scheduler_config.json",
+    )
+    img.add_argument("--shift", type=float, default=None, help="default: the pipeline's")
+    img.add_argument(
+        "--out", default="image.png", help="PNG path; several prompts give OUT_0.png, OUT_1.png"
+    )
+    img.set_defaults(func=_sample_image)
     return parser
 
 
