@@ -236,6 +236,7 @@ def test_every_config_file_parses_with_its_job_class():
     import yaml
 
     from jaxstack.rl.trainer import RLJobConfig
+    from jaxstack.train.dit_trainer import DiTTrainConfig
     from jaxstack.train.dllm_trainer import DLLMTrainConfig
     from jaxstack.train.trainer import TrainJobConfig
     from jaxstack.train.vlm_sft import VLMSFTConfig
@@ -245,6 +246,7 @@ def test_every_config_file_parses_with_its_job_class():
         "vlm_sft": VLMSFTConfig,
         "dllm_": DLLMTrainConfig,
         "train_": TrainJobConfig,
+        "dit_": DiTTrainConfig,
     }
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
@@ -266,6 +268,9 @@ def test_every_config_file_parses_with_its_job_class():
     assert parsed >= 8
     tiny = load_config(RLJobConfig, os.path.join(root, "rl_tiny.yaml"), [])
     assert tiny == RLJobConfig()  # the file spells out the embedded default of `jaxstack rl`
+    assert load_config(DiTTrainConfig, os.path.join(root, "dit_shapes_tiny.yaml")) == (
+        DiTTrainConfig()
+    )
     sizes = [
         load_config(RLJobConfig, os.path.join(root, f"rl_nvila_qwen2.5-{s}.yaml"))
         for s in ("1.5b", "7b")

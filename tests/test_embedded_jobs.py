@@ -62,7 +62,7 @@ def test_rl_default_improves_on_sft(tmp_path) -> None:
 
 def test_train_dit_default_learns_captions(tmp_path) -> None:
     """`jaxstack train-dit`: held-out captions drawn better than by the untrained model (README:
-    step0=0.000 final=0.188), and best-of-8 through the judge's tournament beats one sample."""
+    step0=0.000 final=0.469), and best-of-8 through the judge's tournament beats one sample."""
     out = _cli("train-dit", f"output_dir={tmp_path}")
     m = re.search(r"prompt accuracy: step0=([0-9.]+) final=([0-9.]+)", out.strip().splitlines()[-1])
     assert m, out[-2000:]

@@ -106,8 +106,8 @@ class DiTTrainConfig(RunConfig):
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.0)
     )
-    steps: int = 1500
-    checkpoint_every: int = 500
+    steps: int = 3000
+    checkpoint_every: int = 1000
     log_every: int = 25
 
     def __post_init__(self):
