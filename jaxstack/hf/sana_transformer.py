@@ -18,7 +18,6 @@ Parameter paths mirror diffusers' keys except `patch_embed.kernel` (`patch_embed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
@@ -32,13 +31,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxstack.hf.diffusers_io import WEIGHTS_FILE, WEIGHTS_INDEX, DiffusersReader
 from jaxstack.hf.errors import CheckpointError
 from jaxstack.hf.params_io import check_shapes, named_params, read_params, to_host
-from jaxstack.hf.safetensors_io import CheckpointReader, plan_shards, write_safetensors
+from jaxstack.hf.safetensors_io import plan_shards, write_safetensors
 from jaxstack.models.sana import DIFFUSERS_CLASS, SanaConfig, SanaTransformer
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = WEIGHTS_FILE, WEIGHTS_INDEX  # diffusers' file names
 DIFFUSERS_VERSION = "0.42.1"  # the version this layout was verified against
 DEFAULT_MAX_SHARD_BYTES = 10 * 2**30  # diffusers' save_pretrained default ("10GB")
 
@@ -100,36 +99,6 @@ def read_sana_config(path: str | os.PathLike) -> SanaConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-class DiffusersCheckpointReader(CheckpointReader):
-    """`CheckpointReader` over diffusers' file names (`WEIGHTS_NAME` or `WEIGHTS_INDEX_NAME`
-    plus its shards) instead of transformers' ones."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        index = os.path.join(self.path, WEIGHTS_INDEX_NAME)
-        single = os.path.join(self.path, WEIGHTS_NAME)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    self.weight_map = dict(json.load(f)["weight_map"])
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
-            self.listing = index
-        elif os.path.isfile(single):
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(single, framework="numpy") as f:
-                    self.weight_map = dict.fromkeys(f.keys(), WEIGHTS_NAME)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{single}: corrupt or truncated safetensors ({e})") from None
-            self.listing = single
-        else:
-            raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {self.path!r}")
-        self._files, self._data_start = {}, {}
-        self._stack = contextlib.ExitStack()
-
-
 def load_sana_transformer(
     path: str | os.PathLike,
     *,
@@ -156,7 +125,7 @@ def load_sana_transformer(
         )
     )
     graphdef, state = nnx.split(abstract)
-    with DiffusersCheckpointReader(path) as reader:
+    with DiffusersReader(path) as reader:
         plan = check_shapes(
             named_params(state), reader, cfg_file, lambda p: diffusers_key_for(p, cfg)
         )
