@@ -22,7 +22,11 @@ def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> Array:
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`."""
+    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`.
+
+    `matmul`: None (a plain product in `dtype`) or a hashable callable `(x, kernel, out_dtype)
+    -> y` that runs the product instead, e.g. `jaxstack.quant.Fp8Matmul` (set by
+    `jaxstack.quant.apply_fp8`)."""
 
     def __init__(
         self,
@@ -37,6 +41,7 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
+        self.matmul = None
         self.kernel = nnx.Param(
             _normal(rngs, (in_features, out_features), init_std, param_dtype), logical_axes=axes
         )
@@ -47,7 +52,10 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.matmul is not None:
+            y = self.matmul(x.astype(self.dtype), self.kernel[...], self.dtype)
+        else:
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
