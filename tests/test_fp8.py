@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,33 @@ def test_apply_precision_on_llm() -> None:
     np.testing.assert_array_equal(model(ids), ref)
     with pytest.raises(ValueError, match="precision must be one of"):
         apply_precision(model, "fp4")
+
+
+def test_train_job_fp8_coat_resumes_exactly(tmp_path) -> None:
+    """`jaxstack train` with precision=fp8_coat on 8 simulated devices: FP8 moments in the
+    checkpoint, and a run killed at step 12 and resumed equals the straight run."""
+    from jaxstack.config import load_config
+    from jaxstack.train import TrainJobConfig, read_metrics, run_train
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train_tiny.yaml")
+    small = [
+        "steps=16", "checkpoint_every=8", "log_every=2", "eval=0", "mesh=data=2,fsdp=2,tensor=2",
+        "data.seq_len=32", "data.batch_size=8", "data.num_records=400",
+        "model.precision=fp8_coat",
+    ]  # fmt: skip
+    cfgs = {
+        n: load_config(TrainJobConfig, tiny, [*small, f"output_dir={tmp_path / n}"])
+        for n in ("straight", "resumed")
+    }
+    run_train(cfgs["straight"])
+    assert run_train(cfgs["resumed"], stop_after=10)["stopped_at"] == 10
+    second = run_train(cfgs["resumed"])
+    assert second["start_step"] == 8 and second["step"] == 16
+
+    def losses(name):
+        rows = read_metrics(os.path.join(cfgs[name].output_dir, "metrics.jsonl"))
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
+
+    assert losses("resumed") == losses("straight")
+    ckpt = os.path.join(cfgs["straight"].output_dir, "checkpoints")
+    assert os.path.isdir(ckpt)

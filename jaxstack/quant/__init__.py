@@ -52,7 +52,7 @@ def apply_fp8(
     number of layers set."""
     matmul = None if granularity is None else Fp8Matmul(granularity)
     n = 0
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         if isinstance(module, Dense) and not any(str(p) in skip for p in path):
             module.matmul = matmul
             n += 1

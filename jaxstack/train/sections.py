@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxstack.models.llm import REMAT_POLICIES
+from jaxstack.quant import GRANULARITIES, PRECISIONS, apply_precision
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -14,16 +15,31 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass
 class NumericsSection:
     """dtype: compute dtype ("bfloat16" on GPUs); param_dtype: master weights; remat: "none" |
-    "full" | "dots" (activation checkpointing policy)."""
+    "full" | "dots" (activation checkpointing policy); precision: "bf16" (no FP8: products in
+    `dtype`), "fp8" (the decoder's linear layers through FP8 products) or "fp8_coat" (fp8 and
+    COAT's e4m3 AdamW moments), see `jaxstack.quant`; fp8_granularity: "tensor" | "block"."""
 
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    precision: str = "bf16"
+    fp8_granularity: str = "tensor"
 
     def __post_init__(self):
-        for key, ok in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES)):
+        checks = (
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+            ("remat", REMAT_POLICIES),
+            ("precision", PRECISIONS),
+            ("fp8_granularity", GRANULARITIES),
+        )
+        for key, ok in checks:
             if getattr(self, key) not in ok:
                 raise ValueError(f"{key} must be one of {list(ok)}, got {getattr(self, key)!r}")
+
+    def apply_precision(self, model) -> int:
+        """Route `model`'s linear layers as `precision` says (in place); FP8 layer count."""
+        return apply_precision(model, self.precision, self.fp8_granularity)
 
     @property
     def compute_dtype(self):
@@ -32,3 +48,4 @@ class NumericsSection:
     @property
     def master_dtype(self):
         return DTYPES[self.param_dtype]
+

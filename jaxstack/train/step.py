@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstack.parallel.mesh import compiler_options, spec_for, state_shardings, use_mesh
+from jaxstack.quant import coat_adamw
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -78,10 +79,13 @@ def weight_decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, precision: str = "bf16") -> optax.GradientTransformation:
+    """Clipping, then AdamW; with precision "fp8_coat" the AdamW of `jaxstack.quant.coat_adamw`
+    (e4m3 moments with dynamic range expansion), otherwise optax's float32 one."""
+    adamw = coat_adamw if precision == "fp8_coat" else optax.adamw
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(
+        adamw(
             learning_rate_schedule(cfg),
             b1=cfg.b1,
             b2=cfg.b2,

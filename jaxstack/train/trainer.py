@@ -214,7 +214,8 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
             stacklevel=2,
         )
     data, records = build_data(cfg.data, tokenizer)
-    optimizer = step_lib.make_optimizer(cfg.optim)
+    cfg.model.apply_precision(model)
+    optimizer = step_lib.make_optimizer(cfg.optim, cfg.model.precision)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh)
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     train_step = step_lib.make_train_step(

@@ -128,7 +128,8 @@ def build_vlm_sft(cfg: VLMSFTConfig, mesh) -> LoopParts:
         seed=cfg.data.seed,
     )
     trainable = trainable_filter(model.cfg)
-    optimizer = step_lib.make_optimizer(cfg.optim)
+    cfg.model.apply_precision(model)
+    optimizer = step_lib.make_optimizer(cfg.optim, cfg.model.precision)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh, trainable=trainable)
     graphdef, frozen, rest = step_lib.split_frozen(model, trainable)
 
