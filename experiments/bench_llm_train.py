@@ -32,6 +32,7 @@ from timing import timed  # the benchmarks' one timing helper
 
 from jaxstack.generate import generate
 from jaxstack.models.llm import LLMConfig, init_llm
+from jaxstack.quant import apply_precision
 from jaxstack.train.step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
 PEAK_BF16 = 989e12
@@ -64,9 +65,14 @@ def measure_ceilings(small: bool = False) -> dict:
     return {"copy_bytes_per_s": bw, "bf16_matmul_flops_per_s": 2 * n**3 / tm, "matmul_n": n}
 
 
-def bench_train(cfg: LLMConfig, seq: int, micro: int, accum: int, remat: str, iters: int):
+def bench_train(
+    cfg: LLMConfig, seq: int, micro: int, accum: int, remat: str, iters: int, precision="bf16"
+):
+    """One training configuration through `jaxstack.train.step`; `precision` as the training
+    jobs' `model.precision` (`jaxstack.quant.apply_precision` + `make_optimizer`)."""
     model = init_llm(cfg, seed=0, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
-    opt = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000))
+    apply_precision(model, precision)
+    opt = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000), precision)
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     state, _ = init_train_state(model, opt)
     del model
@@ -100,6 +106,7 @@ def bench_train(cfg: LLMConfig, seq: int, micro: int, accum: int, remat: str, it
     tps = tokens / med
     fpt = flops_per_token(cfg, seq)
     return {
+        "precision": precision,
         "micro_batch": micro,
         "grad_accum": accum,
         "remat": remat,
