@@ -8,6 +8,7 @@
     jaxstack train-dllm [CONFIG.yaml] [key=value ...] diffusion LLM on sorting + sampler table
     jaxstack generate --dllm --model DIR ...         diffusion LLM with Fast-dLLM caches
     jaxstack train-dit [CONFIG.yaml] [key=value ...] text-to-image SANA DiT on captioned shapes
+    jaxstack prune-dit [CONFIG.yaml] [key=value ...] block-importance pruning + fine-tune of it
     jaxstack sample-image --model DIR --prompt TEXT  images from a diffusers SanaPipeline folder
 
 With no CONFIG, `rl` runs its embedded default (synthetic video QA, a tiny VLM through a short
@@ -245,6 +246,15 @@ def _train_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_dit(args: argparse.Namespace) -> int:
+    from jaxstack.train.dit_prune import DiTPruneConfig, run_dit_prune
+
+    cfg = _job_config(DiTPruneConfig, args.overrides)
+    summary = run_dit_prune(cfg, resume=_resume(args))
+    print(f"output in {summary['output_dir']} (dropped blocks: {summary.get('dropped_blocks')})")
+    return 0
+
+
 def _image_paths(out: str, count: int) -> list[str]:
     """`out` for one image; out_0.png, out_1.png, ... (stem_i + suffix) for several."""
     if count == 1:
@@ -326,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     tdit.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
     _add_resume_flags(tdit)
     tdit.set_defaults(func=_train_dit)
+
+    pdit = sub.add_parser(
+        "prune-dit",
+        help="prune a train-dit model by block importance (SANA-1.5), fine-tune, judge again",
+    )
+    pdit.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help=overrides_help)
+    _add_resume_flags(pdit)
+    pdit.set_defaults(func=_prune_dit)
 
     gen = sub.add_parser("generate", help="generate text from a transformers checkpoint")
     gen.add_argument("--model", required=True, help="transformers checkpoint directory")

@@ -105,27 +105,38 @@ def _media_marker(tok: Tokenizer, media_token_id: int) -> str | None:
         return None
 
 
-def prompt_ids(
-    rec: Mapping[str, Any], tok: Tokenizer, *, media_token_id: int, num_media: int
+def media_prompt_ids(
+    text: str, tok: Tokenizer, *, media_token_id: int, num_media: int
 ) -> list[int]:
-    """Chat-template ids of the prompt with `num_media` media placeholders for the video.
+    """Chat-template ids of one user turn "<media>\\n{text}" (then the generation prompt), the
+    media given as `num_media` copies of `media_token_id`.
 
-    The video's place in the user turn is marked with the tokenizer's own media token when it has
-    one (it survives templating as one id), else with the text `<video>` located in the ids.
+    The media's place is marked with the tokenizer's own media token when it has one (it survives
+    templating as one id), else with the text `<video>` located in the ids. Raises ValueError
+    when the template splits the `<video>` text so that it cannot be found.
     """
-    question = format_question(rec)
     marker = _media_marker(tok, media_token_id)
     if marker is not None:
-        ids = tok.apply_chat_template([{"role": "user", "content": f"{marker}\n{question}"}])
+        ids = tok.apply_chat_template([{"role": "user", "content": f"{marker}\n{text}"}])
         if ids.count(media_token_id) == 1:
             at = ids.index(media_token_id)
             return ids[:at] + [media_token_id] * num_media + ids[at + 1 :]
-    ids = tok.apply_chat_template([{"role": "user", "content": f"{VIDEO_SENTINEL}\n{question}"}])
+    ids = tok.apply_chat_template([{"role": "user", "content": f"{VIDEO_SENTINEL}\n{text}"}])
     sentinel = tok.encode(VIDEO_SENTINEL)
     at = _find(ids, sentinel)
     if at < 0:  # the template tokenised the sentinel together with its neighbours
         raise ValueError(f"could not locate {VIDEO_SENTINEL!r} in the chat-templated prompt")
     return ids[:at] + [media_token_id] * num_media + ids[at + len(sentinel) :]
+
+
+def prompt_ids(
+    rec: Mapping[str, Any], tok: Tokenizer, *, media_token_id: int, num_media: int
+) -> list[int]:
+    """Chat-template ids of the prompt with `num_media` media placeholders for the video:
+    `media_prompt_ids` of the record's question and options (`format_question`)."""
+    return media_prompt_ids(
+        format_question(rec), tok, media_token_id=media_token_id, num_media=num_media
+    )
 
 
 def sft_example(

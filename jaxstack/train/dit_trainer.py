@@ -29,9 +29,10 @@ import optax
 from flax import nnx
 
 from jaxstack.data import shapes
+from jaxstack.diffusion.scaling import tournament_pick
 from jaxstack.models.sana import SanaConfig
 from jaxstack.models.text_to_image import WordCaptionDiT
-from jaxstack.parallel.mesh import init_sharded
+from jaxstack.parallel.mesh import init_sharded, shard_model
 from jaxstack.train import step as step_lib
 from jaxstack.train.came import came
 from jaxstack.train.flow_matching import flow_matching_loss_sums, flow_train_tables
@@ -215,20 +216,38 @@ def save_word_caption_dit(model: WordCaptionDiT, path: str) -> None:
     save_file(tensors, os.path.join(path, CAPTION_FILE))
 
 
-def load_word_caption_dit(path: str, *, dtype=jnp.float32) -> WordCaptionDiT:
-    """The model `save_word_caption_dit` wrote (float32 params, compute in `dtype`)."""
+def load_word_caption_dit(
+    path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, remat: str = "none"
+) -> WordCaptionDiT:
+    """The model `save_word_caption_dit` wrote: compute in `dtype`, parameters stored in
+    `param_dtype` (cast from the files' float32), placed on `mesh` (None: first device)."""
     from safetensors.numpy import load_file
 
     from jaxstack.hf import load_sana_transformer
 
-    dit = load_sana_transformer(os.path.join(path, "transformer"), dtype=dtype)
+    dit = load_sana_transformer(
+        os.path.join(path, "transformer"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        remat=remat,
+    )
     tensors = load_file(os.path.join(path, CAPTION_FILE))
     words, null = tensors["words"], tensors["null_caption"]
-    model = WordCaptionDiT(dit.cfg, words.shape[0], null.shape[0], dtype=dtype, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(
+        lambda: WordCaptionDiT(
+            dit.cfg,
+            words.shape[0],
+            null.shape[0],
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
     model.dit = dit
-    model.words.embedding[...] = jnp.asarray(words)
-    model.null_caption[...] = jnp.asarray(null)
-    return model
+    model.words.embedding.set_value(jnp.asarray(words, param_dtype))
+    model.null_caption.set_value(jnp.asarray(null, param_dtype))
+    return model if mesh is None else shard_model(model, mesh)
 
 
 # -- sampling and judging ----------------------------------------------------------------------
@@ -258,24 +277,6 @@ def generate_images(
     )
     x = np.asarray(jnp.clip(x, -1, 1))
     return np.round((x.transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def tournament_pick(yes: list[bool], score: list[float]) -> int:
-    """SANA-1.5's single-elimination tournament over consecutive pairs (specs/sana.md §7):
-    a yes beats a no; two yeses: the higher score wins; two noes: the lower score of being
-    wrong wins (here: the higher match score). Returns the winner's index."""
-    alive = list(range(len(yes)))
-    while len(alive) > 1:
-        nxt = []
-        for a, b in zip(alive[::2], alive[1::2]):
-            if yes[a] != yes[b]:
-                nxt.append(a if yes[a] else b)
-            else:
-                nxt.append(a if score[a] >= score[b] else b)
-        if len(alive) % 2:
-            nxt.append(alive[-1])
-        alive = nxt
-    return alive[0]
 
 
 def evaluate_prompts(model, captions: list[str], s: SamplingSection, data_cfg) -> dict[str, Any]:

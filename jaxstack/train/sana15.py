@@ -19,7 +19,8 @@ start learning on the first step.
 Block importance: BI_i = 1 - mean over tokens, examples and batches of cos(x_in^i, x_out^i),
 x_in^i / x_out^i block i's input / output tokens ([B, N, D], `SanaTransformer.run_blocks`).
 An identity block has BI = 0 exactly. Pruning removes the lowest-BI blocks, keeping the rest
-in order; the spec's recipe then fine-tunes for about 100 steps (not done here).
+in order; the spec's recipe then fine-tunes for about 100 steps (`jaxstack prune-dit`,
+`jaxstack/train/dit_prune.py`, does both for a trained text-to-image DiT).
 
 Every function returns a new `SanaTransformer` that shares no buffers with its source (the
 copied arrays are copied on their devices, keeping their shardings; fresh block parameters
