@@ -40,36 +40,38 @@ _DTYPE_CODES = {
 Index = tuple[slice, ...]
 
 
-def _weight_map(path: str) -> tuple[dict[str, str], str]:
+def _weight_map(path: str, single_file: str = SINGLE_FILE) -> tuple[dict[str, str], str]:
     """(tensor key -> file name, the file that lists the keys) for checkpoint dir `path`."""
     index_file = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index_file):
+    if single_file == SINGLE_FILE and os.path.isfile(index_file):
         try:
             with open(index_file) as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: unreadable index ({e!r})") from None
         return dict(weight_map), index_file
-    single = os.path.join(path, SINGLE_FILE)
+    single = os.path.join(path, single_file)
     if not os.path.isfile(single):
-        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint directory {path!r}")
+        listing = f"{SINGLE_FILE} or {INDEX_FILE}" if single_file == SINGLE_FILE else single_file
+        raise CheckpointError(f"no {listing} in checkpoint directory {path!r}")
     try:
         with safe_open(single, framework="numpy") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{single}: corrupt or truncated safetensors file ({e})") from None
-    return dict.fromkeys(keys, SINGLE_FILE), single
+    return dict.fromkeys(keys, single_file), single
 
 
 class CheckpointReader:
     """Tensors of a safetensors checkpoint directory, read lazily slice by slice.
 
     Use as a context manager; files are open (memory-mapped) inside the `with` block.
+    single_file: the one-file name to read (no index), e.g. PEFT's adapter_model.safetensors.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, single_file: str = SINGLE_FILE):
         self.path = os.fspath(path)
-        self.weight_map, self.listing = _weight_map(self.path)
+        self.weight_map, self.listing = _weight_map(self.path, single_file)
         self._files: dict[str, Any] = {}
         self._data_start: dict[str, tuple[int, dict]] = {}
         self._stack = contextlib.ExitStack()

@@ -1,4 +1,4 @@
-"""Config sections shared by the jobs: dtype names and the model's numerics settings."""
+"""Config sections shared by the jobs: dtype names, the model's numerics settings, LoRA."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jaxstack.lora import LoRAConfig, check_targets
 from jaxstack.models.llm import REMAT_POLICIES
 from jaxstack.quant import GRANULARITIES, PRECISIONS, apply_precision
 
@@ -49,3 +50,33 @@ class NumericsSection:
     def master_dtype(self):
         return DTYPES[self.param_dtype]
 
+
+@dataclasses.dataclass
+class LoRASection:
+    """LoRA fine-tuning (`jaxstack/lora/adapters.py`): rank 0 = off (every parameter trains);
+    rank r >= 1 trains only adapters A [in, r], B [r, out] on `targets` in every layer (the
+    base stays frozen: no gradients, optimizer state or checkpoint entries), scaled by
+    alpha / rank, with `dropout` on the adapter input. merge: also export the merged weights
+    (W + alpha / rank * A @ B) as a transformers checkpoint next to the PEFT adapter."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    merge: bool = False
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        try:
+            self.targets = check_targets(self.targets)
+            if self.rank:
+                LoRAConfig(self.rank, self.alpha, self.dropout, self.targets)
+        except ValueError as e:
+            raise ValueError(f"lora: {e}") from None
+
+    def config(self) -> LoRAConfig | None:
+        """The `jaxstack.lora.LoRAConfig`, or None when rank is 0 (LoRA off)."""
+        if not self.rank:
+            return None
+        return LoRAConfig(self.rank, self.alpha, self.dropout, self.targets)

@@ -5,6 +5,10 @@ metrics.jsonl, loss.png, checkpoints/<step>/, hf/ (transformers format), eval.js
 generations, accuracy) and summary.json. Re-running a config resumes from its newest checkpoint
 and reproduces the uninterrupted run exactly: batch i is a pure function of (data config, i)
 and the state is restored bit for bit.
+
+With `lora.rank` > 0 only LoRA adapters train (`jaxstack/lora/adapters.py`) and the export is
+adapter/ (PEFT layout, `jaxstack/hf/peft.py`), plus hf/ with the merged weights when
+`lora.merge` is set and base/ (the frozen base) when the model is a preset, not a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from jaxstack.models.llm import LLM, LLMConfig
 from jaxstack.parallel.mesh import init_sharded, use_mesh
 from jaxstack.train import step as step_lib
 from jaxstack.train.loop import LoopParts, RunConfig, run_loop, write_json
-from jaxstack.train.sections import DTYPES, NumericsSection
+from jaxstack.train.sections import DTYPES, LoRASection, NumericsSection
 from jaxstack.train.step import OptimConfig
 
 SYNTHETIC = "synthetic:arithmetic"
@@ -99,9 +103,15 @@ class SequenceParallelSection:
 class TrainJobConfig(RunConfig):
     """One training job. optim.total_steps = 0 means "= steps" (the cosine spans the run);
     mesh: e.g. "fsdp=4,tensor=2" or "data=2,sequence=4" ("" = data parallel over all devices);
-    sequence_parallel: how attention runs when the mesh has sequence > 1."""
+    sequence_parallel: how attention runs when the mesh has sequence > 1; lora: LoRA
+    fine-tuning (rank 0 = off)."""
 
-    RESUME_FREE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_FREE, "eval", "max_new_tokens")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        *RunConfig.RESUME_FREE,
+        "eval",
+        "max_new_tokens",
+        "lora.merge",
+    )
     RESUME_WARN: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_WARN, "sequence_parallel")
 
     name: str = "train_tiny"
@@ -119,6 +129,7 @@ class TrainJobConfig(RunConfig):
     )
     eval: int = 128  # held-out synthetic prompts answered (greedy) at the end; 0 = skip
     max_new_tokens: int = 6
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,9 +209,72 @@ def evaluate_arithmetic(
     return {"accuracy": acc, "num_prompts": len(samples), "samples": samples}
 
 
+def lora_train_step(model: LLM, cfg: TrainJobConfig, optimizer, mesh: Mesh):
+    """(step(state, batch), state, shardings) training only LoRA adapters added to `model`.
+
+    `jaxstack.lora.apply_lora` with `cfg.lora` (A drawn from seed + 1, B zero); the TrainState
+    holds the adapters alone (`LORA_PARAMS`) and the base parameters are the frozen argument
+    of `jaxstack.train.step.make_update` (no gradients, optimizer state or checkpoint
+    entries). A batch with "lora_seeds" (uint32 [B], `jaxstack.lora.dropout_row_seeds`)
+    switches the adapters' dropout on for that step.
+    """
+    from jaxstack.lora import BASE_PARAMS, LORA_PARAMS, apply_lora, set_dropout_seeds
+
+    apply_lora(model, cfg.lora.config(), rngs=cfg.seed + 1, mesh=mesh)
+    state, shardings = step_lib.init_train_state(model, optimizer, mesh, trainable=LORA_PARAMS)
+    graphdef, frozen, rest = step_lib.split_frozen(model, LORA_PARAMS)
+    frozen = nnx.to_pure_dict(frozen)
+    frozen_sh = None if shardings is None else step_lib.param_shardings(model, mesh, BASE_PARAMS)
+
+    def objective(params, micro, frozen):
+        lora_model = step_lib.merge_trainable(graphdef, params, frozen, rest)
+        if "lora_seeds" in micro:
+            set_dropout_seeds(lora_model, micro["lora_seeds"])
+        total, count = step_lib.lm_loss_sums(lora_model, micro)
+        return total, count, {}
+
+    update = step_lib.make_update(
+        objective,
+        optimizer,
+        grad_accum=cfg.data.grad_accum,
+        mesh=mesh,
+        state_sh=shardings,
+        frozen_sh=frozen_sh,
+    )
+    return (lambda state, batch: update(state, batch, frozen)), state, shardings
+
+
+def export_lora(model: LLM, cfg: TrainJobConfig, save_tokenizer) -> dict:
+    """Write the trained adapters as a PEFT folder (adapter/), the merged model (hf/, with
+    `lora.merge`) and, for a preset base, the frozen base weights (base/) the adapter refers
+    to; save_tokenizer(dir) adds the tokenizer to a model folder. Returns summary fields."""
+    from jaxstack.hf import save_model
+    from jaxstack.hf.peft import save_merged_model, save_peft_adapter
+    from jaxstack.lora import remove_lora
+
+    out = cfg.output_dir
+    extra: dict[str, Any] = {}
+    if os.path.isdir(cfg.model.name):
+        base = os.path.abspath(cfg.model.name)
+    else:  # a preset: its (random) base weights exist only in this run
+        save_model(remove_lora(model), base := os.path.abspath(os.path.join(out, "base")))
+        save_tokenizer(base)
+        extra["base_dir"] = base
+    adapter_dir = os.path.join(out, "adapter")
+    save_peft_adapter(model, adapter_dir, base_model_name_or_path=base)
+    extra["adapter_dir"] = adapter_dir
+    if cfg.lora.merge:
+        save_merged_model(model, hf_dir := os.path.join(out, "hf"))
+        save_tokenizer(hf_dir)
+        extra["hf_dir"] = hf_dir
+    return extra
+
+
 def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
-    """The LM job's parts for `run_loop`: model, packed SFT batches, the token-sum loss step;
-    at the end the transformers export (with the tokenizer) and the arithmetic evaluation."""
+    """The LM job's parts for `run_loop`: model, packed SFT batches, the token-sum loss step
+    (over all parameters, or LoRA adapters only: `lora_train_step`); at the end the
+    transformers export (with the tokenizer; `export_lora` with LoRA) and the arithmetic
+    evaluation."""
     from jaxstack.data.tokenizer import load_tokenizer
     from jaxstack.hf import save_model
 
@@ -216,15 +290,26 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
     data, records = build_data(cfg.data, tokenizer)
     cfg.model.apply_precision(model)
     optimizer = step_lib.make_optimizer(cfg.optim, cfg.model.precision)
-    state, shardings = step_lib.init_train_state(model, optimizer, mesh)
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    train_step = step_lib.make_train_step(
-        graphdef, rest, optimizer, grad_accum=cfg.data.grad_accum, mesh=mesh, state_sh=shardings
-    )
+    lora = cfg.lora.config()
+    if lora is None:
+        trainable = nnx.Param
+        state, shardings = step_lib.init_train_state(model, optimizer, mesh)
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        train_step = step_lib.make_train_step(
+            graphdef, rest, optimizer, grad_accum=cfg.data.grad_accum, mesh=mesh, state_sh=shardings
+        )
+    else:
+        from jaxstack.lora import LORA_PARAMS, dropout_row_seeds
+
+        trainable = LORA_PARAMS
+        train_step, state, shardings = lora_train_step(model, cfg, optimizer, mesh)
     window = [time.perf_counter(), 0]  # (time, step) of the last log: tokens/s over the window
 
     def step(state, batch, i):
-        batch = step_lib.place_batch(mesh, {k: batch[k] for k in BATCH_KEYS})
+        host = {k: batch[k] for k in BATCH_KEYS}
+        if lora is not None and lora.dropout:  # masks drawn per (seed, step, row)
+            host["lora_seeds"] = dropout_row_seeds(cfg.seed, i, len(host["input_ids"]))
+        batch = step_lib.place_batch(mesh, host)
         # The step is traced, and its attention routed, on its first call.
         with cfg.sequence_parallel.context():
             return train_step(state, batch)
@@ -239,16 +324,24 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
         window[:] = [time.perf_counter(), start]
         return data.iterate(start, end)
 
+    def save_tokenizer(model_dir: str) -> None:
+        if hasattr(tokenizer, "hf") and main:
+            tokenizer.hf.save_pretrained(model_dir)
+        elif main:  # no HF files for the byte tokenizer: record it for `jaxstack generate`
+            write_json(os.path.join(model_dir, TOKENIZER_RECORD), {"tokenizer": cfg.data.tokenizer})
+
     def finish(state, summary: dict) -> dict:
-        params = nnx.state(model, nnx.Param)
+        params = nnx.state(model, trainable)
         nnx.replace_by_pure_dict(params, state.params)
         nnx.update(model, params)
-        save_model(model, hf_dir := os.path.join(out, "hf"))  # transformers format
-        if hasattr(tokenizer, "hf") and main:
-            tokenizer.hf.save_pretrained(hf_dir)
-        elif main:  # no HF files for the byte tokenizer: record it for `jaxstack generate`
-            write_json(os.path.join(hf_dir, TOKENIZER_RECORD), {"tokenizer": cfg.data.tokenizer})
-        extra: dict[str, Any] = {"hf_dir": hf_dir}
+        extra: dict[str, Any] = {}
+        if lora is None:
+            save_model(model, hf_dir := os.path.join(out, "hf"))  # transformers format
+            save_tokenizer(hf_dir)
+            extra["hf_dir"] = hf_dir
+        else:
+            extra.update(export_lora(model, cfg, save_tokenizer))
+            extra["lora_params"] = sum(x.size for x in jax.tree.leaves(state.params))
         if cfg.data.source == SYNTHETIC and cfg.eval > 0:
             result = evaluate_arithmetic(model, tokenizer, cfg, records, mesh)
             write_json(os.path.join(out, "eval.json"), result)
