@@ -154,15 +154,12 @@ def main() -> int:
         out.write_text(json.dumps(row) + "\n")
         return 0
     if args.part == "gemm":
-        rows = []
         for m, k, n in QUICK_SHAPES if args.quick else GEMM_SHAPES:
             row = gemm_case(m, k, n, 3 if args.quick else args.repeats)
-            rows.append(row)
+            merge(out, "gemm", [row], meta)  # after every case: a time limit keeps what ran
             print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v)
                               for k_, v in row.items() if not k_.endswith("_ms")}), flush=True)  # fmt: skip
-        merge(out, "gemm", rows, meta)
         return 0
-    rows = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
             tmp = out.with_suffix(f".{preset}.{precision}.tmp")
@@ -179,10 +176,10 @@ def main() -> int:
                 row = {"preset": preset, "precision": precision, "status": "crashed",
                        "stderr_tail": res.stderr[-600:]}  # fmt: skip
             row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
+            merge(out, "train", [row], meta)
+            time.sleep(5)  # let the finished process's device memory go back
             short = ("status", "tokens_per_s", "mfu", "peak_bytes_in_use", "step_ms_median")
             print(preset, precision, json.dumps({k: row.get(k) for k in short}), flush=True)
-    merge(out, "train", rows, meta)
     return 0
 
 
