@@ -147,7 +147,7 @@ def _batch(step: int, vocab: int = 64, rows: int = 16, length: int = 33):
     return jnp.asarray(ids)
 
 
-def _train(model, tx, steps=150):
+def _train(model, tx, steps=80):
     graphdef, params = nnx.split(model, nnx.Param)
     opt = tx.init(params)
 
@@ -172,7 +172,7 @@ def test_coat_adamw_tracks_float32_adamw() -> None:
     mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
     ref, ref_state = _train(_tiny_lm(), optax.adamw(3e-3, b2=0.999, weight_decay=0.01, mask=mask))
     got, coat_state = _train(_tiny_lm(), coat_adamw(3e-3, weight_decay=0.01, mask=mask))
-    tail_ref, tail_got = ref[-30:].mean(), got[-30:].mean()
+    tail_ref, tail_got = ref[-20:].mean(), got[-20:].mean()
     assert tail_ref < 0.5 * ref[0]  # the task is learned
     # same curve within noise: a wrong moment, sign or bias correction departs by far more
     assert abs(tail_got - tail_ref) < 0.03 * tail_ref, (tail_got, tail_ref)
@@ -202,7 +202,7 @@ def test_train_job_fp8_coat_resumes_exactly(tmp_path) -> None:
 
     tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train_tiny.yaml")
     small = [
-        "steps=16", "checkpoint_every=8", "log_every=2", "eval=0", "mesh=data=2,fsdp=2,tensor=2",
+        "steps=8", "checkpoint_every=4", "log_every=2", "eval=0", "mesh=data=4,fsdp=2",
         "data.seq_len=32", "data.batch_size=8", "data.num_records=400",
         "model.precision=fp8_coat",
     ]  # fmt: skip
@@ -211,9 +211,9 @@ def test_train_job_fp8_coat_resumes_exactly(tmp_path) -> None:
         for n in ("straight", "resumed")
     }
     run_train(cfgs["straight"])
-    assert run_train(cfgs["resumed"], stop_after=10)["stopped_at"] == 10
+    assert run_train(cfgs["resumed"], stop_after=6)["stopped_at"] == 6
     second = run_train(cfgs["resumed"])
-    assert second["start_step"] == 8 and second["step"] == 16
+    assert second["start_step"] == 4 and second["step"] == 8
 
     def losses(name):
         rows = read_metrics(os.path.join(cfgs[name].output_dir, "metrics.jsonl"))
