@@ -101,8 +101,8 @@ class PruneSection:
 @dataclasses.dataclass
 class DiTPruneConfig(RunConfig):
     """Prune a trained DiT and fine-tune it. The architecture comes from the source; model:
-    the numerics of the job (compute / master dtype, remat; precision stays "bf16"); data must describe the source's
-    task (image_size, held_out, seed and shift equal to the source run's when its config is
+    the numerics of the job (compute / master dtype, remat; precision stays "bf16"); data must
+    describe the source's task (image_size, held_out, seed and shift equal to the source run's when its config is
     known); data.batch_size and caption_dropout apply to the fine-tune; optimizer / optim as
     in `DiTTrainConfig`."""
 

@@ -115,6 +115,8 @@ class DiTTrainConfig(RunConfig):
         super().__post_init__()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.model.precision != "bf16":
+            raise ValueError(f"model.precision={self.model.precision!r}: train-dit has no FP8 path")
 
 
 def make_dit_optimizer(
