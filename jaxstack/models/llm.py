@@ -32,6 +32,7 @@ from jaxstack.parallel.sequence import (
     sequence_parallel_size,
     zigzag_permutation,
 )
+from jaxstack.quant.activations import fp8_saved_call
 
 Array = jax.Array
 
@@ -432,12 +433,16 @@ class MLP(nnx.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.hidden_act = cfg.hidden_act
+        self.fp8_saved_activations = False
         self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x_btd):
-        h = ACTIVATIONS[self.hidden_act](self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        glu = lambda gate, up: ACTIVATIONS[self.hidden_act](gate) * up  # noqa: E731
+        gate, up = self.gate_proj(x_btd), self.up_proj(x_btd)
+        # fp8_saved_activations (precision fp8_coat): gate / up kept for backward in e4m3
+        h = fp8_saved_call(glu, gate, up) if self.fp8_saved_activations else glu(gate, up)
         h = constrain(h, ("batch", "seq", "act_mlp"))
         return self.down_proj(h)
 

@@ -3,7 +3,8 @@ with dynamic range expansion (`coat`); `precision` names how a training job uses
 
     precision="bf16"      no FP8: products in the model's compute dtype, float32 AdamW
     precision="fp8"       every decoder `Dense` (not the LM head) through `Fp8Matmul`
-    precision="fp8_coat"  fp8 + `coat_adamw` (e4m3 moments with dynamic range expansion)
+    precision="fp8_coat"  fp8 + `coat_adamw` (e4m3 moments with dynamic range expansion) + the
+                          MLP's non-linear inputs saved in 1 x 16 e4m3 groups (`activations`)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from flax import nnx
 
 from jaxstack.nn.layers import Dense
+from jaxstack.quant.activations import dequantize_1xg, fp8_saved_call, quantize_1xg
 from jaxstack.quant.coat import (
     CoatAdamWState,
     DREState,
@@ -60,8 +62,13 @@ def apply_fp8(
 
 
 def apply_precision(model: nnx.Module, precision: str, granularity: str = "tensor") -> int:
-    """Set `model`'s products for `precision` (module docstring); returns the FP8 layer count."""
+    """Set `model`'s products for `precision` (module docstring); returns the FP8 layer count.
+    fp8_coat also turns on `fp8_saved_activations` in every module that has the switch (the
+    decoder's MLP: its gate / up inputs saved for backward in 1 x 16 e4m3 groups)."""
     check_precision(precision)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "fp8_saved_activations"):
+            module.fp8_saved_activations = precision == "fp8_coat"
     return apply_fp8(model, granularity if precision != "bf16" else None)
 
 
@@ -77,13 +84,16 @@ __all__ = [
     "apply_precision",
     "check_precision",
     "coat_adamw",
+    "dequantize_1xg",
     "dequantize_blocks",
     "dequantize_groups",
     "dre_dequantize",
     "dre_exponent",
     "dre_quantize",
     "fp8_matmul",
+    "fp8_saved_call",
     "group_e4m3_roundtrip",
+    "quantize_1xg",
     "quantize_blocks",
     "quantize_groups",
     "quantize_tensor",
