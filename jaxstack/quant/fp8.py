@@ -185,16 +185,20 @@ _matmul_block.defvjp(_matmul_block_fwd, _matmul_block_bwd)
 
 def fp8_matmul(x: Array, w: Array, *, granularity: str = "tensor", out_dtype=None) -> Array:
     """y = x @ w through FP8 products (module docstring). x [..., K], w [K, N] -> [..., N] in
-    `out_dtype` (default x.dtype). "block" needs K and N multiples of 128."""
+    `out_dtype` (default x.dtype). "block" zero-pads K and N up to multiples of 128 (partial
+    edge blocks) and cuts the output back."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} do not contract")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    lead = x.shape[:-1]
+    lead, n = x.shape[:-1], w.shape[1]
     x2 = x.reshape(-1, x.shape[-1])
-    fn = _matmul_tensor if granularity == "tensor" else _matmul_block
-    return fn(x2, w, out_dtype).reshape(*lead, w.shape[1])
+    if granularity == "tensor":
+        return _matmul_tensor(x2, w, out_dtype).reshape(*lead, n)
+    # partial edge blocks: zero padding changes no group or block maximum
+    x2, w = _pad_last(x2), _pad_last(_pad_last(w.T).T)
+    return _matmul_block(x2, w, out_dtype)[:, :n].reshape(*lead, n)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,11 @@ One RL step (P prompts, G samples each):
    surrogate (`jaxstack.rl.losses.policy_loss`); log-probs are recomputed by a training forward
    over [prompt ; response] that computes logits only for response positions. With a single
    update the old log-probs are the stop-gradient of the new ones (ratio exactly 1).
+6. `precision` (jaxstack/rl/jet.py): bf16, fp8_rollout (FP8 rollout graph, BF16 training) or
+   fp8_unified (one FP8 forward for both). Every step logs the rollout/training mismatch over
+   the response tokens: the rollout graph's teacher-forced log-probs vs the training forward's
+   at the same parameters before the update (`logp_abs_diff`, `kl_rollout_train`), and the
+   sampler's own decode-step log-probs vs the former (`sampler_logp_abs_diff`).
 
 Artifacts in `output_dir` (default runs/<name>): sft/ (the SFT stage when `init_from` is empty),
 config.yaml, metrics.jsonl, rewards.png, checkpoints/<step>/ (exact resume), model/ (NVILA
@@ -38,6 +43,7 @@ import optax
 from flax import nnx
 
 from jaxstack.models.nvila_connector import merge_multimodal
+from jaxstack.rl import jet
 from jaxstack.rl.losses import (
     PolicyLossConfig,
     dynamic_sampling_keep,
@@ -113,7 +119,8 @@ class RLJobConfig(RunConfig):
     dtype, master-weight dtype and remat of the trained LLM. reward: {spec: weight} over the
     reward registry (names, `module:fn` or `file.py:fn`). prompts_per_step: P prompts per RL
     step (P * G samples). cache_embeddings: MR-SP embedding reuse (False re-encodes the video
-    for every pass: the baseline)."""
+    for every pass: the baseline). precision: "bf16", "fp8_rollout" or "fp8_unified" (Jet-RL,
+    jaxstack/rl/jet.py; FP8 is block-scaled; policy.precision must stay "bf16")."""
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
         *RunConfig.RESUME_FREE,
@@ -148,6 +155,7 @@ class RLJobConfig(RunConfig):
     steps: int = 40
     prompts_per_step: int = 8
     cache_embeddings: bool = True
+    precision: str = "bf16"
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -163,6 +171,12 @@ class RLJobConfig(RunConfig):
             raise ValueError(f"eval must be >= 0, got {self.eval}")
         if self.prompts_per_step % self.algo.minibatches:
             raise ValueError("prompts_per_step must be divisible by algo.minibatches")
+        jet.check_precision(self.precision)
+        if self.policy.precision != "bf16":
+            raise ValueError(
+                "policy.precision is not read by jaxstack rl: set precision="
+                f"{'|'.join(jet.PRECISIONS)} instead"
+            )
 
     def resolved(self) -> RLJobConfig:
         cfg = super().resolved()
@@ -224,7 +238,8 @@ def make_update(
     """`update(state, batch, ref_params) -> (state, metrics)`: one clipped policy-gradient step,
     built on the shared sharded update (`jaxstack.train.step.make_update`: the state's
     shardings, the mesh and its compiler options; ref_params, the frozen reference policy for
-    the KL term or None, share the params' shardings and are never donated).
+    the KL term or None, share the params' shardings and are never donated). graphdef: the
+    training graph (`jet.policy_graphdefs`: FP8 products for fp8_unified).
 
     batch as in `response_logprobs` plus advantages float32 [P*G] and old_logp [P*G, N] (None:
     use the stop-gradient of the new log-probs, i.e. a single on-policy update).
@@ -356,9 +371,12 @@ class RLSetup:
     prompt_fn: Any
     rollout_cfg: Any
     key: Array
+    rollout_graphdef: nnx.GraphDef
+    rollout_logp_fn: Any
 
-    def llm_with(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, params, self.rest)
+    def llm_with(self, params, rollout: bool = False) -> nnx.Module:
+        """The policy LLM on `params`, with the rollout graph's products if `rollout`."""
+        return nnx.merge(self.rollout_graphdef if rollout else self.graphdef, params, self.rest)
 
 
 def build_rl(cfg: RLJobConfig, start_dir: str, mesh=None) -> RLSetup:
@@ -392,7 +410,8 @@ def build_rl(cfg: RLJobConfig, start_dir: str, mesh=None) -> RLSetup:
     )
     optimizer = step_lib.make_optimizer(cfg.optim)
     state, shardings = step_lib.init_train_state(model.llm, optimizer, mesh)
-    graphdef, _, rest = nnx.split(model.llm, nnx.Param, ...)
+    graphdef, rollout_def = jet.policy_graphdefs(model.llm, cfg.precision)
+    rest = nnx.split(model.llm, nnx.Param, ...)[2]
     ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
     update = make_update(
         graphdef,
@@ -404,11 +423,17 @@ def build_rl(cfg: RLJobConfig, start_dir: str, mesh=None) -> RLSetup:
         mesh=mesh,
         state_sh=shardings,
     )
-    logp_fn = jax.jit(
-        lambda params, batch: response_logprobs(
-            nnx.merge(graphdef, params, rest), batch, vcfg.media_token_id, cfg.rollout.temperature
+
+    def logp_fn_of(gd):
+        return jax.jit(
+            lambda params, batch: response_logprobs(
+                nnx.merge(gd, params, rest), batch, vcfg.media_token_id, cfg.rollout.temperature
+            )
         )
-    )
+
+    logp_fn = logp_fn_of(graphdef)
+    # bf16 / fp8_unified: the rollout graph is the training graph, its log-probs the same call
+    rollout_logp_fn = logp_fn_of(rollout_def) if cfg.precision == "fp8_rollout" else logp_fn
     prompt_fn = jax.jit(
         lambda params, ids, video: merge_multimodal(
             nnx.merge(graphdef, params, rest).embed(ids),
@@ -447,6 +472,8 @@ def build_rl(cfg: RLJobConfig, start_dir: str, mesh=None) -> RLSetup:
         prompt_fn=prompt_fn,
         rollout_cfg=rcfg,
         key=jax.random.key(cfg.seed),
+        rollout_graphdef=rollout_def,
+        rollout_logp_fn=rollout_logp_fn,
     )
 
 
@@ -454,7 +481,8 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
     """Rollout, rewards and advantages of RL step i under `params`: (update batch, host info).
 
     batch: as `make_update` takes it (advantages float32 [P*G]; mask already zero for groups
-    dropped by dynamic sampling). info: rewards [P*G], reward parts, lengths, keep (numpy).
+    dropped by dynamic sampling). info: rewards [P*G], reward parts, lengths, keep (numpy),
+    the sampler's log-probs and response mask ([P*G, N], device arrays).
     """
     from jaxstack.data.video_qa import prompt_ids
     from jaxstack.generate.engine import pad_prompts
@@ -469,7 +497,7 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
     ids, pmask = jnp.asarray(ids), jnp.asarray(pmask)
     embeds = setup.prompt_fn(params, ids, video)
     res = rollout(
-        setup.llm_with(params),
+        setup.llm_with(params, rollout=True),
         inputs_embeds=embeds,
         input_mask=pmask,
         cfg=rcfg,
@@ -508,6 +536,7 @@ def rl_batch(setup: RLSetup, params, i: int) -> tuple[dict, dict]:
 
         batch = jax.device_put(batch, NamedSharding(setup.mesh, PartitionSpec()))
     info = dict(rewards=rewards, parts=parts, lengths=lengths, keep=keep, texts=texts)
+    info.update(sampler_logp=res.logprobs, response_mask=res.mask)
     return batch, info
 
 
@@ -519,8 +548,15 @@ def rl_step(setup: RLSetup, state: TrainState, i: int) -> tuple[TrainState, dict
     t0 = time.perf_counter()
     cfg = setup.cfg
     batch, info = rl_batch(setup, state.params, i)
+    train_logp = setup.logp_fn(state.params, batch)
+    mismatch = jet.step_mismatch(
+        info["sampler_logp"],
+        setup.rollout_logp_fn(state.params, batch),
+        train_logp,
+        info["response_mask"],
+    )
     if cfg.algo.update_epochs * cfg.algo.minibatches > 1:
-        batch["old_logp"] = setup.logp_fn(state.params, batch)
+        batch["old_logp"] = train_logp
     step_metrics = []
     for _ in range(cfg.algo.update_epochs):
         for mb in _minibatches(batch, cfg.algo.minibatches, cfg.rollout.num_samples):
@@ -536,6 +572,7 @@ def rl_step(setup: RLSetup, state: TrainState, i: int) -> tuple[TrainState, dict
         response_len=float(np.mean(info["lengths"])),
         kept_frac=float(info["keep"].mean()),
         **m,
+        **mismatch,
         encoder_calls=setup.cache.encoder_calls,
         cache_hits=setup.cache.hits,
         skipped_videos=setup.prompts.skipped,
