@@ -20,6 +20,7 @@ import warnings
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -216,11 +217,19 @@ def lora_train_step(model: LLM, cfg: TrainJobConfig, optimizer, mesh: Mesh):
     holds the adapters alone (`LORA_PARAMS`) and the base parameters are the frozen argument
     of `jaxstack.train.step.make_update` (no gradients, optimizer state or checkpoint
     entries). A batch with "lora_seeds" (uint32 [B], `jaxstack.lora.dropout_row_seeds`)
-    switches the adapters' dropout on for that step.
+    switches the adapters' dropout on for that step. With `lora.sparse` the decoder blocks
+    become SparseLoRA blocks (`jaxstack/lora/sparse.py`); a batch with "sparse_tokens" (any
+    [B, m] array) runs its first m positions sparse (one compiled program per m).
     """
     from jaxstack.lora import BASE_PARAMS, LORA_PARAMS, apply_lora, set_dropout_seeds
 
     apply_lora(model, cfg.lora.config(), rngs=cfg.seed + 1, mesh=mesh)
+    if (sparse := cfg.lora.sparse.config()) is not None:  # SparseLoRA blocks, before the split
+        from jaxstack.lora.sparse import apply_sparselora
+        from jaxstack.lora.svd_estimator import load_estimator
+
+        path = cfg.lora.sparse.estimator
+        apply_sparselora(model, sparse, load_estimator(path) if path else None)
     state, shardings = step_lib.init_train_state(model, optimizer, mesh, trainable=LORA_PARAMS)
     graphdef, frozen, rest = step_lib.split_frozen(model, LORA_PARAMS)
     frozen = nnx.to_pure_dict(frozen)
@@ -230,6 +239,10 @@ def lora_train_step(model: LLM, cfg: TrainJobConfig, optimizer, mesh: Mesh):
         lora_model = step_lib.merge_trainable(graphdef, params, frozen, rest)
         if "lora_seeds" in micro:
             set_dropout_seeds(lora_model, micro["lora_seeds"])
+        if "sparse_tokens" in micro:  # its static width is the sparse context length
+            from jaxstack.lora.sparse import set_sparse_tokens
+
+            set_sparse_tokens(lora_model, micro["sparse_tokens"].shape[1])
         total, count = step_lib.lm_loss_sums(lora_model, micro)
         return total, count, {}
 
@@ -263,6 +276,11 @@ def export_lora(model: LLM, cfg: TrainJobConfig, save_tokenizer) -> dict:
     adapter_dir = os.path.join(out, "adapter")
     save_peft_adapter(model, adapter_dir, base_model_name_or_path=base)
     extra["adapter_dir"] = adapter_dir
+    if cfg.lora.sparse.enabled and jax.process_index() == 0:  # the estimator, by the adapter
+        from jaxstack.lora.sparse import model_estimator
+        from jaxstack.lora.svd_estimator import save_estimator
+
+        extra["sparselora_estimator"] = save_estimator(model_estimator(model), adapter_dir)
     if cfg.lora.merge:
         save_merged_model(model, hf_dir := os.path.join(out, "hf"))
         save_tokenizer(hf_dir)
@@ -309,6 +327,8 @@ def build_train(cfg: TrainJobConfig, mesh: Mesh) -> LoopParts:
         host = {k: batch[k] for k in BATCH_KEYS}
         if lora is not None and lora.dropout:  # masks drawn per (seed, step, row)
             host["lora_seeds"] = dropout_row_seeds(cfg.seed, i, len(host["input_ids"]))
+        if lora is not None and (m := cfg.lora.sparse.tokens(host["loss_mask"], i, cfg.steps)):
+            host["sparse_tokens"] = np.zeros((len(host["input_ids"]), m), np.int8)
         batch = step_lib.place_batch(mesh, host)
         # The step is traced, and its attention routed, on its first call.
         with cfg.sequence_parallel.context():
