@@ -23,6 +23,7 @@ float32 AdamW.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +37,7 @@ GROUP = 128
 EXPAND_MIN = 16  # k is a multiple of 1 / EXPAND_MIN
 K_RANGE = (1.0 / EXPAND_MIN, 64.0)
 _EPS = 1e-30
-_TARGET_LOG2 = float(jnp.log2(448.0**2 / 2))  # log2 of the e4m3 normal range, 16.615
+_TARGET_LOG2 = math.log2(448.0**2 / 2)  # log2 of the e4m3 normal range, 16.615
 
 
 class DREState(NamedTuple):
