@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SCRIPT = [sys.executable, "experiments/bench_sana.py", "--tiny"]
 
@@ -18,6 +20,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_bench_sana_tiny_runs_both_sides(tmp_path) -> None:
     out = tmp_path / "sana.json"
     res = run(["--models", "0.6b", "--batches", "1", "--repeats", "2", "--out", str(out)])

@@ -91,6 +91,7 @@ def test_generate_unsupported_architecture(tmp_path, tiny_checkpoint):
     assert "Qwen2ForCausalLM" in proc.stderr  # names the supported ones
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_train_then_generate_end_to_end(tmp_path):
     proc = run_cli("train", "steps=6", "checkpoint_every=3", "log_every=2", "eval=4",
                    "data.num_records=200", "output_dir=run", cwd=tmp_path)  # fmt: skip

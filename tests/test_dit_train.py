@@ -34,6 +34,7 @@ def _tiny_job(out, *extra):
     )
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_job_resumes_exactly_exports_and_judges_its_samples(tmp_path) -> None:
     straight = dit.run_dit_train(_tiny_job(tmp_path / "a"))
     dit.run_dit_train(_tiny_job(tmp_path / "b"), stop_after=2)
@@ -67,6 +68,7 @@ def test_job_resumes_exactly_exports_and_judges_its_samples(tmp_path) -> None:
     np.testing.assert_array_equal(again["grid"], images)
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_came8bit_job_runs_and_keeps_8bit_state(tmp_path) -> None:
     import jax
 
@@ -160,6 +162,7 @@ def _flat_params(tree, prefix=()) -> dict[tuple, object]:
     return out
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_prune_job_prunes_finetunes_resumes_and_reports(tmp_path, source_run, capsys) -> None:
     from flax import nnx
 

@@ -178,6 +178,7 @@ def _tiny_job(tmp_path, **kw) -> DLLMTrainConfig:
     return dataclasses.replace(cfg, **kw)
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_job_resumes_exactly_and_writes_the_sampler_table(tmp_path):
     straight = run_dllm_train(_tiny_job(tmp_path / "a"))
     run_dllm_train(_tiny_job(tmp_path / "b"), stop_after=2)

@@ -197,6 +197,7 @@ def test_apply_precision_on_llm() -> None:
         apply_precision(model, "fp4")
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_train_job_fp8_coat_resumes_exactly(tmp_path) -> None:
     """`jaxstack train` with precision=fp8_coat on 8 simulated devices: FP8 moments in the
     checkpoint, and a run killed at step 12 and resumed equals the straight run."""

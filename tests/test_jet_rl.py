@@ -159,6 +159,7 @@ def _cfg(start, **kw) -> trainer.RLJobConfig:
     return trainer.RLJobConfig(**{**base, **kw}).resolved()
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_rl_step_runs_in_each_precision_and_logs_the_mismatch(start) -> None:
     rows = {}
     for precision in jet.PRECISIONS:

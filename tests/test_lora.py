@@ -300,6 +300,7 @@ def _lora_abstract_state(cfg: TrainJobConfig) -> TrainState:
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_lora_job_trains_adapters_only_and_exports_peft(lora_run):
     cfg, summary = lora_run
     out = cfg.output_dir

@@ -115,6 +115,7 @@ def _metrics(path: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_run_rl_resume_exact(setup) -> None:
     root = setup["root"]
     straight = trainer.run_rl(_rl_cfg(setup, str(root / "a")))

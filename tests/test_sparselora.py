@@ -356,6 +356,7 @@ _SPARSE_RUN = [
 ]
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_lm_job_trains_with_sparselora_and_saves_the_estimator(tmp_path):
     cfg = load_config(TrainJobConfig, TINY, [*_SPARSE_RUN, f"output_dir={tmp_path / 'run'}"])
     summary = run_train(cfg)

@@ -84,6 +84,7 @@ def straight(tmp_path_factory):
     return cfg, run_train(cfg)
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_tiny_config_run_writes_artifacts(straight):
     cfg, summary = straight
     out = cfg.output_dir

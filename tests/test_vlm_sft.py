@@ -143,6 +143,7 @@ def _small_cfg(dataset: str, out: str, **kw) -> vlm_sft.VLMSFTConfig:
     return vlm_sft.VLMSFTConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # end-to-end job (pytest -m slow)
 def test_sft_resume_exact_and_artifacts(dataset: str, tmp_path) -> None:
     straight = vlm_sft.run_vlm_sft(_small_cfg(dataset, str(tmp_path / "a")))
     vlm_sft.run_vlm_sft(_small_cfg(dataset, str(tmp_path / "b")), stop_after=2)
